@@ -1,0 +1,317 @@
+"""Tests of data.py: tokenisation against `tokenizers` directly, a Megatron bin/idx file written
+byte by byte here, batch determinism over world sizes, exact resume, epochs without repeats,
+and every bad input (one-line DataError; the CLI exits 2).
+
+    python -m pytest -x -q test_data.py
+"""
+import hashlib
+import json
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import data
+from data import Batches, DataError, TokenData, eval_windows, list_files, prepare
+
+CORPUS = ["Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.",
+          "Rough winds do shake the darling buds of May,\n\nAnd summer's lease hath all too short a date.",
+          "Ünïcødé — naïve café, 東京, emoji 🙂 and tabs\tand  double  spaces.\n"]
+
+
+def make_tok(vocab_size=None, name="tiny-bpe"):
+    """A small byte-level BPE trained here, wrapped like teacher.Tok (the fields data.py uses)."""
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fingerprint = hashlib.sha256((t.to_str() + name).encode()).hexdigest()
+    return SimpleNamespace(tokenizer=t, eos_id=t.token_to_id("<eos>"), bos_id=None, name=name,
+                           fingerprint=fingerprint, vocab_size=vocab_size or t.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tok()
+
+
+def reference_ids(tok, texts):
+    """Documents tokenised one by one with `tokenizers`, each followed by EOS."""
+    return [tok.tokenizer.encode(t, add_special_tokens=False).ids + [tok.eos_id] for t in texts]
+
+
+def write_inputs(root):
+    """a.txt, b.jsonl and a directory (c.txt, sub/d.jsonl, a hidden file); returns (inputs, docs)."""
+    (root / "a.txt").write_text(CORPUS[0], encoding="utf-8")
+    b = [json.dumps({"text": CORPUS[1]}), "", json.dumps({"text": "", "id": 3}),
+         json.dumps({"text": CORPUS[2], "meta": {"x": 1}}, ensure_ascii=False)]
+    (root / "b.jsonl").write_text("\n".join(b) + "\n", encoding="utf-8")
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "dir" / "c.txt").write_text("Third file.\nWith two lines.", encoding="utf-8")
+    (root / "dir" / "sub" / "d.jsonl").write_text(
+        json.dumps({"text": "Doc D one."}) + "\n" + json.dumps({"text": "Doc D two!"}) + "\n")
+    (root / "dir" / ".hidden").write_bytes(b"\x00\x01 not read")
+    docs = [("a.txt", CORPUS[0]), ("b.jsonl:1", CORPUS[1]), ("b.jsonl:4", CORPUS[2]),
+            ("c.txt", "Third file.\nWith two lines."), ("d.jsonl:1", "Doc D one."), ("d.jsonl:2", "Doc D two!")]
+    return [root / "a.txt", root / "b.jsonl", root / "dir"], docs
+
+
+def test_tokenise_equals_tokenizers(tmp_path, tok):
+    inputs, docs = write_inputs(tmp_path)
+    meta = prepare(list_files(inputs), tok, tmp_path / "out", val_fraction=0, progress=False)
+    want = np.concatenate(reference_ids(tok, [t for _, t in docs]))
+    got = np.fromfile(tmp_path / "out" / "train.bin", np.uint16)
+    assert meta["dtype"] == "uint16" and np.array_equal(got, want)
+    assert meta["splits"]["train"] == {"file": "train.bin", "tokens": len(want), "documents": 6}
+    assert meta["splits"]["val"]["tokens"] == 0 and len(TokenData(tmp_path / "out", "val")) == 0
+
+
+def test_val_split_holds_whole_documents(tmp_path, tok):
+    inputs, docs = write_inputs(tmp_path)
+    meta = prepare(list_files(inputs), tok, tmp_path / "out", val_fraction=0.3, seed=1, progress=False)
+    held = set(meta["splits"]["val"]["names"])
+    ids = dict(zip([n for n, _ in docs], reference_ids(tok, [t for _, t in docs])))
+    assert 0 < len(held) < len(docs)
+    for split, names in (("val", [n for n, _ in docs if n in held]), ("train", [n for n, _ in docs if n not in held])):
+        got = TokenData(tmp_path / "out", split).tokens
+        assert np.array_equal(got, np.concatenate([ids[n] for n in names])), split
+    n_val = meta["splits"]["val"]["tokens"]
+    assert n_val >= 0.3 * (n_val + meta["splits"]["train"]["tokens"])
+
+
+def test_choose_val_takes_whole_documents_until_the_fraction():
+    lengths = np.full(10, 100)
+    picks = [data.choose_val(lengths, 0.25, seed) for seed in range(10)]
+    assert all(p.sum() == 3 for p in picks)  # 200 < 25% of 1000 <= 300
+    assert np.array_equal(picks[0], data.choose_val(lengths, 0.25, 0))
+    assert len({tuple(np.flatnonzero(p)) for p in picks}) > 1  # the seed picks the documents
+    assert data.choose_val(lengths, 0.0, 0).sum() == 0 and data.choose_val(lengths, 0.99, 0).sum() == 9
+
+
+def test_uint16_vs_uint32(tmp_path, tok):
+    assert data.token_dtype(1 << 16) == np.uint16 and data.token_dtype((1 << 16) + 1) == np.uint32
+    (tmp_path / "a.txt").write_text(CORPUS[2], encoding="utf-8")
+    big = SimpleNamespace(**{**vars(tok), "vocab_size": 70_000})  # same ids, a vocab past uint16
+    meta = prepare([tmp_path / "a.txt"], big, tmp_path / "out", val_fraction=0, progress=False)
+    got = np.fromfile(tmp_path / "out" / "train.bin", np.uint32)
+    assert meta["dtype"] == "uint32" and np.array_equal(got, reference_ids(tok, [CORPUS[2]])[0])
+    assert TokenData(tmp_path / "out").tokens.dtype == np.uint32
+
+
+# ---------------------------------------------------------------- Megatron bin/idx
+
+def write_mmididx(prefix, seqs, doc_idx, code, fmt):
+    """Megatron MMapIndexedDataset written field by field with struct (independent of data.py)."""
+    itemsize = struct.calcsize("<" + fmt)
+    with open(f"{prefix}.bin", "wb") as f:
+        for s in seqs:
+            f.write(struct.pack(f"<{len(s)}{fmt}", *s))
+    sizes = [len(s) for s in seqs]
+    pointers = [sum(sizes[:i]) * itemsize for i in range(len(sizes))]
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", 1))             # version
+        f.write(struct.pack("<B", code))          # dtype code
+        f.write(struct.pack("<Q", len(sizes)))    # sequences
+        f.write(struct.pack("<Q", len(doc_idx)))  # documents + 1
+        f.write(struct.pack(f"<{len(sizes)}i", *sizes))
+        f.write(struct.pack(f"<{len(sizes)}q", *pointers))
+        f.write(struct.pack(f"<{len(doc_idx)}q", *doc_idx))
+
+
+@pytest.mark.parametrize("code,fmt", [(8, "H"), (4, "i"), (5, "q")])
+def test_mmididx_reader(tmp_path, code, fmt):
+    seqs = [[5, 6, 7, 0], [1, 2, 0], [60000 if fmt == "H" else 70000, 3, 0], [9, 0]]
+    write_mmididx(tmp_path / "dclm", seqs, [0, 2, 3, 4], code, fmt)
+    flat = [t for s in seqs for t in s]
+    for path in (tmp_path / "dclm", tmp_path / "dclm.bin", tmp_path / "dclm.idx"):
+        d = TokenData(path)
+        assert d.tokens.tolist() == flat and d.meta["documents"] == 3 and d.meta["sequences"] == 4
+    x, y = Batches(d, ctx=4, batch_size=2).get(0)
+    assert x.dtype == torch.int64 and x.shape == (2, 4) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        d.check_tokenizer(SimpleNamespace(vocab_size=100, name="small", fingerprint="f"))
+    d.check_tokenizer(SimpleNamespace(vocab_size=70001, name="big", fingerprint="f"))
+
+
+def test_mmididx_directory_splits_and_bad_files(tmp_path):
+    write_mmididx(tmp_path / "train", [[1, 2, 3, 0]], [0, 1], 8, "H")
+    write_mmididx(tmp_path / "val", [[4, 5, 0]], [0, 1], 8, "H")
+    assert TokenData(tmp_path, "train").tokens.tolist() == [1, 2, 3, 0]
+    assert TokenData(tmp_path, "val").tokens.tolist() == [4, 5, 0]
+    (tmp_path / "bad.idx").write_bytes(b"NOTMEGATRON" + bytes(40))
+    (tmp_path / "bad.bin").write_bytes(bytes(8))
+    with pytest.raises(DataError, match="not a Megatron MMIDIDX"):
+        TokenData(tmp_path / "bad")
+    write_mmididx(tmp_path / "flt", [[1, 2]], [0, 1], 6, "d")  # float64 code: not token ids
+    with pytest.raises(DataError, match="dtype code 6"):
+        TokenData(tmp_path / "flt")
+    write_mmididx(tmp_path / "short", [[1, 2, 3]], [0, 1], 8, "H")
+    (tmp_path / "short.bin").write_bytes(bytes(2))
+    with pytest.raises(DataError, match="shorter than its index"):
+        TokenData(tmp_path / "short")
+
+
+# ---------------------------------------------------------------- batches
+
+@pytest.fixture
+def ramp(tmp_path):
+    """Token i = i, so a window's first token is its start."""
+    write_mmididx(tmp_path / "ramp", [list(range(1003))], [0, 1], 4, "i")
+    return TokenData(tmp_path / "ramp")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_global_batch_same_for_any_world_size(ramp, world_size):
+    ref = Batches(ramp, ctx=16, batch_size=6, seed=3)
+    ranks = [Batches(ramp, ctx=16, batch_size=6, seed=3) for _ in range(world_size)]  # one per process
+    for step in [0, 1, 2, 9, 10, 11, 40, 7]:
+        x1, y1 = ref.get(step)
+        parts = [b.get(step, rank=r, world_size=world_size) for r, b in enumerate(ranks)]
+        assert all(p[0].shape == (6 // world_size, 16) for p in parts)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y1)
+    # windows are the tokens at their start, y shifted by one
+    assert torch.equal(x1, x1[:, :1] + torch.arange(16)) and torch.equal(y1, x1 + 1)
+
+
+def test_exact_resume(ramp):
+    run = Batches(ramp, ctx=10, batch_size=8, seed=5)
+    full = [run.get(s)[0] for s in range(30)]  # crosses epochs: 100 windows per epoch
+    resumed = Batches(ramp, ctx=10, batch_size=8, seed=5)
+    resumed.get(123), resumed.get(2)  # whatever happened before
+    for s in range(17, 30):
+        assert torch.equal(resumed.get(s)[0], full[s])
+    other_seed = Batches(ramp, ctx=10, batch_size=8, seed=6)
+    assert not torch.equal(other_seed.get(0)[0], full[0])
+
+
+def test_no_window_repeats_within_an_epoch(ramp):
+    ctx, b = 7, 4
+    bat = Batches(ramp, ctx=ctx, batch_size=b, seed=0)
+    n_win = (len(ramp) - 1) // ctx  # 143 windows: batches straddle epoch boundaries
+    starts = torch.cat([bat.get(s)[0][:, 0] for s in range(3 * n_win // b + 1)]).numpy()
+    for e in range(3):
+        epoch = starts[e * n_win:(e + 1) * n_win]
+        offset = epoch.min()
+        assert len(set(epoch)) == n_win  # every window once
+        assert set(epoch) == set(offset + ctx * np.arange(n_win))  # non-overlapping, stride ctx
+        assert epoch.max() + ctx + 1 <= len(ramp)
+        assert not (np.diff(epoch) > 0).all()  # shuffled
+    assert not np.array_equal(starts[:n_win] - starts[:n_win].min(), starts[n_win:2 * n_win] - starts[n_win:2 * n_win].min())
+
+
+def test_eval_windows(ramp):
+    wins = list(eval_windows(ramp, ctx=100, max_windows=7, batch_size=3))
+    assert [w[0].shape[0] for w in wins] == [3, 3, 1]
+    x = torch.cat([w[0] for w in wins])
+    assert torch.equal(x[:, 0], torch.arange(7) * 100)  # non-overlapping, from the start
+    assert torch.equal(x, torch.cat([w[0] for w in eval_windows(ramp, 100, 7, 3)]))  # deterministic
+    assert len(torch.cat([w[0] for w in eval_windows(ramp, 100, 10**6)])) == 10  # capped by the data
+    by_rank = [torch.cat([w[0] for w in eval_windows(ramp, 100, 7, 2, rank=r, world_size=3)]) for r in range(3)]
+    assert [len(b) for b in by_rank] == [2, 2, 2]  # 7 rounded down to 6: equal forwards per rank
+    assert sorted(torch.cat(by_rank)[:, 0].tolist()) == x[:6, 0].tolist()
+    with pytest.raises(DataError, match="fewer than 11 windows"):
+        eval_windows(ramp, 100, 100, world_size=11)
+
+
+# ---------------------------------------------------------------- bad input
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_cli(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "nojson.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n')
+    (tmp_path / "emptydir").mkdir()
+    cases = {"missing.txt": "does not exist", "empty.txt": "is empty", "img.png": "not UTF-8 plain text",
+             "latin1.txt": "not UTF-8", "nojson.jsonl": "nojson.jsonl:2 is not a JSON object",
+             "notext.jsonl": 'notext.jsonl:1 is not a JSON object with a string "text"', "blank.jsonl": "holds no documents",
+             "emptydir": "holds no files"}
+    for name, msg in cases.items():
+        if name.endswith("jsonl"):  # content errors surface while tokenising: call prepare directly
+            with pytest.raises(DataError, match=msg):
+                prepare(list_files([tmp_path / name]), make_tok(), tmp_path / "out", progress=False)
+        else:
+            assert msg in run_cli(["--input", str(tmp_path / name)] + out, capsys)
+    assert not (tmp_path / "out" / "all.tmp").exists()  # no partial temp file left behind
+    with pytest.raises(SystemExit) as e:
+        data.main(["--input", str(tmp_path / "a.txt")])  # --out missing: argparse error
+    assert e.value.code == 2
+
+
+def test_bad_tokenizer_and_sizes(tmp_path, tok):
+    assert issubclass(DataError, ValueError)
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    (tmp_path / "b.txt").write_text(CORPUS[1])
+    with pytest.raises(DataError, match="outside its vocabulary"):  # ids past the declared vocab
+        prepare([tmp_path / "a.txt"], SimpleNamespace(**{**vars(tok), "vocab_size": 50}), tmp_path / "o", 0, progress=False)
+    with pytest.raises(DataError, match="at least 2 documents"):
+        prepare([tmp_path / "a.txt"], tok, tmp_path / "o", 0.1, progress=False)
+    with pytest.raises(DataError, match="val-fraction"):
+        prepare([tmp_path / "a.txt"], tok, tmp_path / "o", 1.0, progress=False)
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tok, tmp_path / "o", 0.2, progress=False)
+    d = TokenData(tmp_path / "o")
+    d.check_tokenizer(tok)
+    with pytest.raises(DataError, match="was tokenised by tiny-bpe"):
+        d.check_tokenizer(make_tok(name="other-bpe"))
+    with pytest.raises(DataError, match="longer than"):
+        Batches(d, ctx=len(d), batch_size=2)
+    Batches(d, ctx=len(d) - 1, batch_size=2).get(0)  # exactly ctx+1 tokens is enough
+    with pytest.raises(DataError, match="fewer than 1 windows"):
+        eval_windows(TokenData(tmp_path / "o", "val"), ctx=10**6, max_windows=4)
+    with pytest.raises(DataError, match="divisible by world_size"):
+        Batches(d, ctx=4, batch_size=4).get(0, rank=0, world_size=3)
+    with pytest.raises(DataError, match="holds no token files"):
+        TokenData(tmp_path / "nothing")
+    with pytest.raises(DataError):  # a failed run into the same directory ...
+        prepare([tmp_path / "a.txt"], SimpleNamespace(**{**vars(tok), "vocab_size": 50}), tmp_path / "o", 0, progress=False)
+    with pytest.raises(DataError, match="holds no token files"):  # ... leaves no stale meta.json
+        TokenData(tmp_path / "o")
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tok, tmp_path / "o", 0.2, progress=False)
+    with open(tmp_path / "o" / "train.bin", "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(DataError, match="re-run python data.py"):
+        TokenData(tmp_path / "o")
+
+
+# ---------------------------------------------------------------- default corpus, real tokenizer
+
+def test_default_corpus_one_version_per_work():
+    files = data.default_corpus()
+    names = [f.name for f in files]
+    assert len(files) == 42 and "hamlet_gut.txt" in names and "sonnets_gut.txt" in names
+    assert not any(n.endswith("_f.txt") for n in names)
+
+
+def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys):
+    teacher = pytest.importorskip("teacher")
+    real = teacher.load_tokenizer()  # the default SmolLM2 GGUF: metadata only
+    monkeypatch.setattr(teacher, "load_tokenizer", lambda path=None: real)  # load once per test run
+    (tmp_path / "a.txt").write_text(CORPUS[0], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(CORPUS[2] * 20, encoding="utf-8")
+    data.main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(tmp_path / "o"),
+               "--val-fraction", "0.5"])
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["fingerprint"] == real.fingerprint
+    held = meta["splits"]["val"]["names"]
+    assert f"held out: {held[0]}" in capsys.readouterr().out and len(held) == 1
+    want = dict(zip(["a.txt", "b.txt"], reference_ids(real, [CORPUS[0], CORPUS[2] * 20])))
+    assert TokenData(tmp_path / "o", "val").tokens.tolist() == want.pop(held[0])
+    assert TokenData(tmp_path / "o").tokens.tolist() == list(want.values())[0]
+    TokenData(tmp_path / "o").check_tokenizer(real)
