@@ -1,5 +1,5 @@
 """The RAD-RWKV recurrences (METHOD.md §3-§4): a step-by-step reference, a chunked PyTorch path,
-and (later) Triton kernels, behind one public function per recurrence.
+and Triton kernels (CUDA; Triton's interpreter on CPU), behind one public function per recurrence.
 
 State S per (batch, head) is laid out [K, V] (fla's layout; METHOD §3 writes the transpose):
 
@@ -9,13 +9,15 @@ State S per (batch, head) is laid out [K, V] (fla's layout; METHOD §3 writes th
 
 with METHOD's a = −κ, b = κ ⊙ iclr, k = k̃ for RWKV7. The chunk form, its numerics and the
 design of the Triton kernels are in ../shared/KERNELS.md. File order: plain reference, chunked
-PyTorch path, Triton kernels (to come), public entry points, benchmark.
+PyTorch path, Triton kernels, public entry points, benchmark.
 
-    python kernels.py --bench                      # chunked torch path vs step-by-step, CPU or GPU
+    python kernels.py --bench                      # CPU: torch vs naive; GPU: triton vs fla, SDPA
     python -m pytest -q test_kernels.py            # parity tests against fp64 oracles
+    python -m pytest -q test_kernels_triton.py     # the Triton backend (interpreter on CPU)
 """
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -162,16 +164,454 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Triton kernels, launchers and the autograd Function go here (KERNELS.md "A lean design").
-#    Contract: _triton(q, log_w, k, v, a, b, S) with the same arguments and results as
-#    _chunked(...) minus `chunk`; set _TRITON_READY = True once it exists.
+# 3. Triton kernels (KERNELS.md "A lean design"), launchers and the autograd Function
 # ---------------------------------------------------------------------------------------------
-_TRITON_READY = False
+# Forward: _state_kernel (sequential over chunks, stores every chunk's S₀) + _out_kernel (all
+# chunks in parallel). Backward: _dstate_kernel (sequential, stores ∂L/∂S at every chunk end) +
+# _grad_kernel (all chunks in parallel). Decode: _step_kernel. Math in fp32 (inputs of any float
+# dtype are converted on load), TF32 tensor-core dots for 16-bit inputs on GPU (IEEE fp32 dots
+# for fp32 inputs), the triangular inverse in IEEE fp32. Saved for backward: the inputs and the fp32 chunk states; everything else recomputed.
+try:
+    import triton
+    import triton.language as tl
+    _HAVE_TRITON = True
+except ImportError:                   # no Triton on this platform: backend="triton" raises
+    import types
+    triton = types.SimpleNamespace(jit=lambda fn=None, **kw: fn if fn is not None else (lambda f: f))
+    tl = types.SimpleNamespace(constexpr=None)
+    _HAVE_TRITON = False
+
+# ---------------------------------------------------------------------------------------------
+# Chunk symbols (KERNELS.md), chunk of C rows i, per key channel d:
+#   γ_i = Σ_{j≤i} g_j (inclusive cumsum), ε_i = γ_i − g_i, γ_C = Σ_j g_j, ref = γ_C / 2.
+#   Every pairwise factor e^{γ_i−γ_j} is split as e^{γ_i−ref}·e^{ref−γ_j}; |γ−ref| ≤ C/2·max|g|,
+#   so C = 16 keeps both factors inside fp32 even for RWKV6's log w = −5 (e^{±40}).
+#   q⁺ = r e^{γ−ref}, k⁻ = k e^{ref−γ}, b⁻ = b e^{ref−γ}, a⁺ = a e^{ε−ref}
+#   A_qk = tril(q⁺ k⁻ᵀ), A_qb = tril(q⁺ b⁻ᵀ), A_ak = stril(a⁺ k⁻ᵀ), A_ab = stril(a⁺ b⁻ᵀ)
+#   r₀ = r e^{γ}, a₀ = a e^{ε}, k_C = k e^{γ_C−γ}, b_C = b e^{γ_C−γ}
+#   T = (I − A_ab)^{-1};  u_i = a_iᵀ S_{i−1} = T (a₀ S₀ + A_ak V)
+#   Y = scale (r₀ S₀ + A_qk V + A_qb u);   S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u
+# ---------------------------------------------------------------------------------------------
 
 
-def _triton(q, log_w, k, v, a, b, S):
-    raise NotImplementedError("the Triton backend of kernels.py is not written yet; "
-                              "use backend='torch' (or 'auto', which picks it)")
+@triton.jit
+def _tril_inverse(A, C: tl.constexpr):
+    """(I − A)^{-1} for strictly lower-triangular A (C, C): A is nilpotent (A^C = 0), so
+    (I − A)^{-1} = (I + A)(I + A²)(I + A⁴)…; fp32 products in IEEE precision (not TF32)."""
+    rows = tl.arange(0, C)
+    Tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + A
+    P = A
+    for s in tl.static_range(1, 7):
+        if (1 << s) < C:
+            P = tl.dot(P, P, input_precision="ieee")                      # A^(2^s)
+            Tm += tl.dot(Tm, P, input_precision="ieee")
+    return Tm
+
+
+@triton.jit
+def _chunk_prep(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR: tl.constexpr, C: tl.constexpr):
+    """Loads one chunk's (C, K) key-side inputs (rows past T read as identity steps: g = 0,
+    r = k = a = b = 0) and returns the fp32 gated operands and decays of the chunk."""
+    g = tl.load(w_ptr + offk, mask=m, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offk, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + offk, mask=m, other=0.0).to(tl.float32)
+    gam = tl.cumsum(g, axis=0)                     # γ (C, K)
+    gC = tl.sum(g, axis=0)                         # γ_C (K,)
+    ref = gC * 0.5
+    qp = r * tl.exp(gam - ref[None, :])            # q⁺
+    kn = k * tl.exp(ref[None, :] - gam)            # k⁻
+    r0 = r * tl.exp(gam)                           # r₀
+    kC = k * tl.exp(gC[None, :] - gam)             # k_C
+    if DPLR:
+        a = tl.load(a_ptr + offk, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offk, mask=m, other=0.0).to(tl.float32)
+        eps = gam - g
+        ap = a * tl.exp(eps - ref[None, :])        # a⁺
+        bn = b * tl.exp(ref[None, :] - gam)        # b⁻
+        a0 = a * tl.exp(eps)                       # a₀
+        bC = b * tl.exp(gC[None, :] - gam)         # b_C
+    else:
+        a = r
+        b = r
+        ap = qp
+        bn = kn
+        a0 = r0
+        bC = kC
+    return g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC
+
+
+@triton.jit
+def _pairs(qp, kn, ap, bn, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Pairwise chunk matrices A_qk, A_qb (causal, j ≤ i), A_ak, A_ab (strict, j < i) and
+    T = (I − A_ab)^{-1}; for RWKV6 only A_qk is real (the rest alias it)."""
+    ri = tl.arange(0, C)
+    causal = ri[:, None] >= ri[None, :]
+    strict = ri[:, None] > ri[None, :]
+    A_qk = tl.where(causal, tl.dot(qp, tl.trans(kn), input_precision=PREC), 0.0)
+    if DPLR:
+        A_qb = tl.where(causal, tl.dot(qp, tl.trans(bn), input_precision=PREC), 0.0)
+        A_ak = tl.where(strict, tl.dot(ap, tl.trans(kn), input_precision=PREC), 0.0)
+        A_ab = tl.where(strict, tl.dot(ap, tl.trans(bn), input_precision=PREC), 0.0)
+        Tm = _tril_inverse(A_ab, C)
+    else:
+        A_qb = A_qk
+        A_ak = A_qk
+        Tm = A_qk
+    return A_qk, A_qb, A_ak, Tm
+
+
+@triton.jit(do_not_specialize=["T"])
+def _state_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, T,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                  DPLR: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
+    """Forward state pass, one program per (V block, batch·head), sequential over chunks:
+    stores S₀ of chunk n at st[n] (n = 0..NT, st[NT] = final state) with
+    S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,  u = T (a₀ S₀ + A_ak V)  (DPLR only)."""
+    iv = tl.program_id(0)
+    ibh = tl.program_id(1).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    NT = tl.cdiv(T, C)
+    ri = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    kv = ck[:, None] * V + cv[None, :]                                    # (K, BV) in one [K, V] state
+    if HAS_S0:
+        S = tl.load(s0_ptr + ibh * K * V + kv)
+    else:
+        S = tl.zeros((K, BV), dtype=tl.float32)
+    for it in range(NT):
+        t = it * C + ri
+        m = (t < T)[:, None]
+        row = (ib * T + t) * H + ih                                       # (C,) token rows
+        offk = row[:, None] * K + ck[None, :]
+        v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32)
+        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+        tl.store(st_ptr + (ibh * (NT + 1) + it) * K * V + kv, S)
+        Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
+        if DPLR:
+            A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+            u = tl.dot(Tm, tl.dot(a0, S, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
+                       input_precision=PREC)                              # u_i = a_iᵀ S_{i−1}
+            Snew += tl.dot(tl.trans(bC), u, input_precision=PREC)
+        S = Snew
+    tl.store(st_ptr + (ibh * (NT + 1) + NT) * K * V + kv, S)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _out_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y_ptr, T, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                DPLR: tl.constexpr, PREC: tl.constexpr):
+    """Output, one program per (chunk, V block, batch·head), all in parallel:
+    Y = scale (r₀ S₀ + A_qk V + A_qb u),  u = T (a₀ S₀ + A_ak V)."""
+    it = tl.program_id(0)
+    iv = tl.program_id(1)
+    ibh = tl.program_id(2).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    NT = tl.cdiv(T, C)
+    ri = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    t = it * C + ri
+    m = (t < T)[:, None]
+    row = (ib * T + t) * H + ih
+    offk = row[:, None] * K + ck[None, :]
+    offv = row[:, None] * V + cv[None, :]
+    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
+    S = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + ck[:, None] * V + cv[None, :])
+    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+    o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
+    if DPLR:
+        u = tl.dot(Tm, tl.dot(a0, S, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
+                   input_precision=PREC)
+        o += tl.dot(A_qb, u, input_precision=PREC)
+    tl.store(y_ptr + offv, (o * scale).to(y_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward per chunk, with dS = ∂L/∂S_C from later chunks and dŶ = scale·dY (C, V):
+#   dz = Tᵀ (A_qbᵀ dŶ + b_C dS)            (dz_i = b_iᵀ dS_i: the per-step gradient of u_i)
+#   dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz
+#   dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz
+#   dR = e^{γ} (dŶ S₀ᵀ) + e^{γ−ref} [tril(dŶ Vᵀ) k⁻ + tril(dŶ uᵀ) b⁻]          (dr_i = S_i dŷ_i)
+#   dK = e^{γ_C−γ} (V dSᵀ) + e^{ref−γ} [triu(V dŶᵀ) q⁺ + striu(V dzᵀ) a⁺]      (dk_i = dS_i v_i)
+#   dB = same as dK with u in place of V                                       (db_i = dS_i u_i)
+#   dA = e^{ε} (dz S₀ᵀ) + e^{ε−ref} [stril(dz Vᵀ) k⁻ + stril(dz uᵀ) b⁻]       (da_i = S_{i−1} dz_i)
+#   dg_i = c + Σ_{j≥i} (r dr − k dk − b db)_j + Σ_{j>i} (a da)_j,  c = rowsum(S_C ⊙ dS)
+#   (from rowsum(S_i ⊙ dS_i) = dg_{i+1} + a_{i+1} da_{i+1} + r_i dr_i and
+#    dg_i = rowsum(S_i ⊙ dS_i) − b_i db_i − k_i dk_i).
+# Every term is a sum over the V columns, so V blocks add their partial dR, dK, dA, dB, dg.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T"])
+def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, T, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                   DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
+    """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
+    stores dS (gradient of chunk n's end state) at dst[n], then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
+    iv = tl.program_id(0)
+    ibh = tl.program_id(1).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    NT = tl.cdiv(T, C)
+    ri = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    kv = ck[:, None] * V + cv[None, :]
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + ibh * K * V + kv)
+    else:
+        dS = tl.zeros((K, BV), dtype=tl.float32)
+    for j in range(NT):
+        it = NT - 1 - j
+        t = it * C + ri
+        m = (t < T)[:, None]
+        row = (ib * T + t) * H + ih
+        offk = row[:, None] * K + ck[None, :]
+        dy = tl.load(dy_ptr + row[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32) * scale
+        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+        tl.store(dst_ptr + (ibh * NT + it) * K * V + kv, dS)
+        dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
+        if DPLR:
+            A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+            dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
+                        + tl.dot(bC, dS, input_precision=PREC), input_precision=PREC)
+            dSprev += tl.dot(tl.trans(a0), dz, input_precision=PREC)
+        dS = dSprev
+    tl.store(ds0_ptr + ibh * K * V + kv, dS)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                 DPLR: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    """Input gradients, one program per (chunk, V block, batch·head), all in parallel, from the
+    saved S₀ (st[n]), S_C (st[n+1]) and dS (dst[n]); V blocks add partial sums when ATOMIC."""
+    it = tl.program_id(0)
+    iv = tl.program_id(1)
+    ibh = tl.program_id(2).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    NT = tl.cdiv(T, C)
+    ri = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    kv = ck[:, None] * V + cv[None, :]
+    causal = ri[:, None] >= ri[None, :]                               # j ≤ i
+    strict = ri[:, None] > ri[None, :]                                # j < i
+    upper = ri[:, None] <= ri[None, :]                                # j ≥ i (on transposed pairs)
+    supper = ri[:, None] < ri[None, :]                                # j > i
+    t = it * C + ri
+    m = (t < T)[:, None]
+    row = (ib * T + t) * H + ih
+    offk = row[:, None] * K + ck[None, :]
+    offv = row[:, None] * V + cv[None, :]
+    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale   # dŶ
+    S0 = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + kv)
+    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv)
+    c = tl.sum(tl.load(st_ptr + (ibh * (NT + 1) + it + 1) * K * V + kv) * dS, axis=1)   # rowsum(S_C ⊙ dS)
+    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+    dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
+    dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # [i, j] = dŷ_i · v_j
+    dr = tl.exp(gam) * tl.dot(dy, tl.trans(S0), input_precision=PREC) + tl.exp(gam - ref[None, :]) * \
+        tl.dot(tl.where(causal, dyv, 0.0), kn, input_precision=PREC)
+    dk = tl.exp(gC[None, :] - gam) * tl.dot(v, tl.trans(dS), input_precision=PREC)
+    dkin = tl.dot(tl.where(upper, tl.trans(dyv), 0.0), qp, input_precision=PREC)
+    if DPLR:
+        u = tl.dot(Tm, tl.dot(a0, S0, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
+                   input_precision=PREC)
+        dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
+                    + tl.dot(bC, dS, input_precision=PREC), input_precision=PREC)
+        dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
+        dyu = tl.dot(dy, tl.trans(u), input_precision=PREC)             # [i, j] = dŷ_i · u_j
+        dzv = tl.dot(dz, tl.trans(v), input_precision=PREC)             # [i, j] = dz_i · v_j
+        dzu = tl.dot(dz, tl.trans(u), input_precision=PREC)             # [i, j] = dz_i · u_j
+        dr += tl.exp(gam - ref[None, :]) * tl.dot(tl.where(causal, dyu, 0.0), bn, input_precision=PREC)
+        dkin += tl.dot(tl.where(supper, tl.trans(dzv), 0.0), ap, input_precision=PREC)
+        db = tl.exp(gC[None, :] - gam) * tl.dot(u, tl.trans(dS), input_precision=PREC) + \
+            tl.exp(ref[None, :] - gam) * (
+                tl.dot(tl.where(upper, tl.trans(dyu), 0.0), qp, input_precision=PREC)
+                + tl.dot(tl.where(supper, tl.trans(dzu), 0.0), ap, input_precision=PREC))
+        da = tl.exp(gam - g) * tl.dot(dz, tl.trans(S0), input_precision=PREC) + \
+            tl.exp(gam - g - ref[None, :]) * (
+                tl.dot(tl.where(strict, dzv, 0.0), kn, input_precision=PREC)
+                + tl.dot(tl.where(strict, dzu, 0.0), bn, input_precision=PREC))
+    dk += tl.exp(ref[None, :] - gam) * dkin
+    x = r * dr - k * dk
+    if DPLR:
+        x -= b * db
+        xa = a * da
+        dg = c[None, :] + tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x \
+            + tl.sum(xa, axis=0)[None, :] - tl.cumsum(xa, axis=0)
+    else:
+        dg = c[None, :] + tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
+    tl.store(dv_ptr + offv, dv, mask=m)
+    if ATOMIC:
+        tl.atomic_add(dr_ptr + offk, dr, mask=m)
+        tl.atomic_add(dk_ptr + offk, dk, mask=m)
+        tl.atomic_add(dw_ptr + offk, dg, mask=m)
+        if DPLR:
+            tl.atomic_add(da_ptr + offk, da, mask=m)
+            tl.atomic_add(db_ptr + offk, db, mask=m)
+    else:
+        tl.store(dr_ptr + offk, dr, mask=m)
+        tl.store(dk_ptr + offk, dk, mask=m)
+        tl.store(dw_ptr + offk, dg, mask=m)
+        if DPLR:
+            tl.store(da_ptr + offk, da, mask=m)
+            tl.store(db_ptr + offk, db, mask=m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, DPLR: tl.constexpr):
+    """Recurrent steps (decode), state updated in place; one program per (V block, batch·head):
+    S ← diag(e^{g_t}) S + b_t (a_tᵀ S) + k_t v_tᵀ ;  y_t = scale · Sᵀ r_t."""
+    iv = tl.program_id(0)
+    ibh = tl.program_id(1).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    soff = ibh * K * V + ck[:, None] * V + cv[None, :]
+    S = tl.load(s_ptr + soff)
+    for t in range(T):
+        row = (ib * T + t) * H + ih
+        g = tl.load(w_ptr + row * K + ck).to(tl.float32)
+        r = tl.load(r_ptr + row * K + ck).to(tl.float32)
+        k = tl.load(k_ptr + row * K + ck).to(tl.float32)
+        v = tl.load(v_ptr + row * V + cv).to(tl.float32)
+        if DPLR:
+            a = tl.load(a_ptr + row * K + ck).to(tl.float32)
+            b = tl.load(b_ptr + row * K + ck).to(tl.float32)
+            sa = tl.sum(a[:, None] * S, axis=0)                        # a_tᵀ S (BV,)
+            S = tl.exp(g)[:, None] * S + b[:, None] * sa[None, :] + k[:, None] * v[None, :]
+        else:
+            S = tl.exp(g)[:, None] * S + k[:, None] * v[None, :]
+        y = tl.sum(r[:, None] * S, axis=0) * scale
+        tl.store(y_ptr + row * V + cv, y.to(y_ptr.dtype.element_ty))
+    tl.store(s_ptr + soff, S)
+
+# Launch configuration, from H100 sweeps at q7b-L4k (B4 T4096 H28 N128): chunk C = 16 (its
+# mid-referenced factors stay within e^±40 for log w ≥ −5), V blocks of 64, 4 warps for the
+# sequential passes (latency-bound: more warps were slower), 8 for the parallel kernels (fewer
+# register spills). 32-row chunks were slower at every setting tried.
+_C, _BV, _BV_STEP = 16, 64, 32
+_WARPS_SEQ, _WARPS_PAR = 4, 8
+
+
+def _prec(x):
+    """Dot precision: TF32 tensor cores for 16-bit inputs (their own rounding dominates: ~3e-3),
+    IEEE fp32 for fp32 inputs (~1e-6, slower) and in the interpreter."""
+    return "tf32" if x.is_cuda and x.dtype != torch.float32 else "ieee"
+
+
+def _fwd(r, w, k, v, a, b, s0, scale):
+    """Forward launches. Returns y (r's dtype), S_T (fp32) and the chunk states st (B, H, NT + 1,
+    N, N) fp32, st[:, :, n] = S₀ of chunk n, st[:, :, NT] = S_T."""
+    B, T, H, N = r.shape
+    dplr = a is not None
+    a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
+    NT, bv = triton.cdiv(T, _C), min(N, _BV)
+    st = torch.empty(B, H, NT + 1, N, N, device=r.device, dtype=torch.float32)
+    y = torch.empty_like(r)
+    _state_kernel[(N // bv, B * H)](r, w, k, v, a, b, st if s0 is None else s0, st, T, H=H, K=N, V=N, C=_C,
+                                    BV=bv, DPLR=dplr, HAS_S0=s0 is not None, PREC=_prec(r),
+                                    num_warps=_WARPS_SEQ)
+    _out_kernel[(NT, N // bv, B * H)](r, w, k, v, a, b, st, y, T, scale, H=H, K=N, V=N, C=_C, BV=bv,
+                                      DPLR=dplr, PREC=_prec(r), num_warps=_WARPS_PAR)
+    return y, st[:, :, NT].clone(), st
+
+
+def _bwd(r, w, k, v, a, b, st, dy, dsT, scale):
+    """Backward launches. Returns fp32 dr, dw, dk, dv, da, db (None for RWKV6) and dS_0."""
+    B, T, H, N = r.shape
+    dplr = a is not None
+    a, b = (a, b) if dplr else (r, r)
+    NT, bv = triton.cdiv(T, _C), min(N, _BV)
+    f32 = dict(device=r.device, dtype=torch.float32)
+    dst = torch.empty(B, H, NT, N, N, **f32)            # ∂L/∂S at every chunk end
+    ds0 = torch.empty(B, H, N, N, **f32)
+    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, dy, ds0 if dsT is None else dsT, dst, ds0, T, scale,
+                                     H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr, HAS_DST=dsT is not None,
+                                     PREC=_prec(r), num_warps=_WARPS_SEQ)
+    # V blocks add partial K-side gradients: zero-initialised, atomic adds (two blocks at N = 128:
+    # x + y from 0 is order-independent, so the result stays deterministic)
+    alloc = torch.zeros if N > bv else torch.empty
+    dr, dw, dk = (alloc(B, T, H, N, **f32) for _ in range(3))
+    dv = torch.empty(B, T, H, N, **f32)
+    da, db = (alloc(B, T, H, N, **f32) for _ in range(2)) if dplr else (dr, dr)
+    _grad_kernel[(NT, N // bv, B * H)](r, w, k, v, a, b, st, dst, dy, dr, dw, dk, dv, da, db, T, scale,
+                                       H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr, ATOMIC=N > bv, PREC=_prec(r),
+                                       num_warps=_WARPS_PAR)
+    return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
+
+
+class _TritonAttn(torch.autograd.Function):
+    """(r, log_w, k, v, a, b, S_0, scale) -> (y, S_T) through the chunked kernels; a = b = None
+    for RWKV6, S_0 = None for zeros. Saves the inputs and the fp32 chunk states (S_T last)."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, scale):
+        ctx.set_materialize_grads(False)                  # an unused y or S_T costs nothing
+        y, sT, st = _fwd(r, w, k, v, a, b, s0, scale)
+        ctx.save_for_backward(r, w, k, v, a, b, st)
+        ctx.scale, ctx.has_s0 = scale, s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, st = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        grads = _bwd(r, w, k, v, a, b, st, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
+        cast = [g if g is None else g.to(x.dtype) for g, x in zip(grads[:6], (r, w, k, v, a, b))]
+        return (*cast, grads[6] if ctx.has_s0 else None, None)
+
+
+def _launch_step(r, w, k, v, a, b, S, scale):
+    """T recurrent steps without autograd, S (B, H, N, N) fp32 contiguous updated in place."""
+    B, T, H, N = r.shape
+    dplr = a is not None
+    y = torch.empty_like(r)
+    bv = min(N, _BV_STEP)
+    _step_kernel[(N // bv, B * H)](r, w, k, v, a if dplr else r, b if dplr else r, S, y, T, scale,
+                                   H=H, K=N, V=N, BV=bv, DPLR=dplr, num_warps=4)
+    return y, S
+
+
+_DECODE_T = 16        # without grad, T < 16 runs the recurrent kernel (no chunk set-up)
+
+
+def _triton(r, log_w, k, v, a, b, state, scale):
+    """backend="triton": raw inputs (any float dtype, converted in the kernels), scale a float."""
+    B, T, H, N = r.shape
+    if not _HAVE_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (Linux); use backend='torch'")
+    if not r.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NotImplementedError("the Triton backend runs on CUDA tensors (on CPU only under "
+                                  "TRITON_INTERPRET=1); move the inputs to a GPU or use backend='torch'")
+    if N < 16 or N & (N - 1):
+        raise ValueError(f"backend='triton' needs a power-of-two head size N >= 16, got N={N}; "
+                         "use backend='torch'")
+    xs = [x.contiguous() for x in (r, log_w, k, v)] + [None if x is None else x.contiguous() for x in (a, b)]
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*xs, state))
+    if not grad and T < _DECODE_T:
+        S = torch.zeros(B, H, N, N, device=r.device) if state is None else state
+        if S.dtype != torch.float32 or not S.is_contiguous():
+            S = S.float().contiguous()
+        return _launch_step(*xs, S, scale)
+    s0 = None if state is None else state.float().contiguous()
+    return _TritonAttn.apply(*xs, s0, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,12 +647,14 @@ def _attn(variant, r, log_w, k, v, a, b, state, scale, backend):
     if backend == "auto":
         tensors = [*named.values()] + ([] if state is None else [state])
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-        if r.is_cuda and _TRITON_READY:
+        if r.is_cuda and _HAVE_TRITON and r.dtype != torch.float64 and N >= 16 and N & (N - 1) == 0:
             backend = "triton"            # it has its own decode path
         elif T == 1 and not grad:         # decoding: one recurrence step, no chunk set-up
             backend = "naive"
         else:
             backend = "torch"
+    if backend == "triton":              # raw dtypes: the kernels convert on load
+        return _triton(r, log_w, k, v, a, b, state, N ** -0.5 if scale is None else scale)
     cd = torch.float64 if r.dtype == torch.float64 else torch.float32  # compute + state dtype
     S = torch.zeros(B, H, N, N, dtype=cd, device=r.device) if state is None else state.to(cd)
     q = r.to(cd) * (N ** -0.5 if scale is None else scale)
@@ -221,10 +663,8 @@ def _attn(variant, r, log_w, k, v, a, b, state, scale, backend):
         a, b = a.to(cd), b.to(cd)
     if backend == "naive":
         y, S = _naive(q, log_w, k, v, a, b, S)
-    elif backend == "torch":
-        y, S = _chunked(q, log_w, k, v, a, b, S, CHUNK[variant])
     else:
-        y, S = _triton(q, log_w, k, v, a, b, S)
+        y, S = _chunked(q, log_w, k, v, a, b, S, CHUNK[variant])
     return y.to(r.dtype), S
 
 
@@ -240,8 +680,10 @@ def rwkv7_attn(r, log_w, k, v, a, b, state=None, scale=None, backend="auto"):
     state: (B, H, N, N) [K, V] initial state S_0, or None for zeros.
     scale: default N^-½.
     backend: "naive" (step by step, the oracle), "torch" (chunked, autograd), "triton" (CUDA,
-        not written yet), "auto" (triton on CUDA once it exists; otherwise torch, except T = 1
-        without grad, which runs one naive step).
+        power-of-two N ≥ 16, log_w ≥ −5; chunked kernels with autograd, and without grad for
+        T < 16 a recurrent kernel that updates an fp32 contiguous `state` in place and returns
+        it), "auto" (triton on CUDA where it applies; otherwise torch, except T = 1 without
+        grad, which runs one naive step).
     Returns y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in fp32 (fp64 for fp64
     inputs). Decoding calls this with T = 1 and the carried state; every backend computes in
     fp32 at least, and S_T of one call continues exactly into the next.
@@ -263,7 +705,8 @@ def rwkv6_attn(r, log_w, k, v, state=None, scale=None, backend="auto"):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Benchmark: chunked torch path next to the step-by-step path, same run, same machine
+# 5. Benchmark, same run, same machine: CPU: chunked torch path vs step-by-step; GPU: the Triton
+#    backend vs fla's kernels (BENCHMARKS.md anchors), SDPA and decode
 # ---------------------------------------------------------------------------------------------
 SHAPES = {"smol-L512": (16, 512, 9, 64), "smol-L4k": (2, 4096, 9, 64),      # BENCHMARKS.md
           "q7b-L512": (32, 512, 28, 128), "q7b-L4k": (4, 4096, 28, 128), "q7b-L16k": (1, 16384, 28, 128)}
@@ -286,6 +729,7 @@ class BenchConfig:
     reps: int = 5             # timed repetitions on CPU (median); GPU uses triton's do_bench
     threads: int = 0          # CPU threads (0 = torch's default)
     naive_gb: float = 8.0     # skip the naive fwd+bwd when its saved states exceed this
+    fla_shapes: str = "smol-L512,q7b-L4k"   # GPU: shapes that also time fla and SDPA (fla autotunes slowly cold)
 
 
 def bench_inputs(variant, B, T, H, N, dtype, device, seed=0):
@@ -322,9 +766,11 @@ def bench(cfg: BenchConfig):
     cuda = torch.cuda.is_available()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cuda:                              # the Triton backend against fla, SDPA and decode
+        return bench_gpu(cfg)
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # bf16 is slow on CPU
     names = cfg.shapes.split(",") if cfg.shapes else list(SHAPES if cuda else CPU_SHAPES)
-    backends = ["naive", "torch"] + (["triton"] if cuda and _TRITON_READY else [])
+    backends = ["naive", "torch"] + (["triton"] if cuda and _HAVE_TRITON else [])
     fns = {"rwkv7": rwkv7_attn, "rwkv6": rwkv6_attn}
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, inputs {dtype}, "
           f"{torch.get_num_threads()} threads; median ms; x = naive time / this time")
@@ -352,6 +798,91 @@ def bench(cfg: BenchConfig):
                 x_f, x_fb = (ms["naive"][i] / ms[backend][i] for i in (0, 1))
                 print(f"{name:<10} {B:>3} {T:>6} {H:>3} {N:>4} {variant:<7} {backend:<7} "
                       f"{ms[backend][0]:>9.2f} {x_f:>6.1f} {ms[backend][1]:>9.2f} {x_fb:>6.1f}", flush=True)
+
+
+def _fla():
+    """fla's kernels (the anchors of BENCHMARKS.md) when installed, else None."""
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except ImportError:
+        return None
+    return chunk_rwkv7, chunk_gla, fused_recurrent_rwkv7
+
+
+def _peak_mib(fn):
+    """Peak CUDA memory of one call above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_gpu(cfg: BenchConfig):
+    """GPU: the Triton backend next to fla's chunk_rwkv7 (default and the best configuration for
+    RAD-RWKV7's decay range), chunk_gla and causal SDPA, same inputs and run (BENCHMARKS.md);
+    ratio = ours / the faster fla call. Then one decode step against fused_recurrent_rwkv7."""
+    import triton
+    fla = _fla()
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    names = cfg.shapes.split(",") if cfg.shapes else list(SHAPES)
+    anchored = set(cfg.fla_shapes.split(","))
+    print(f"device {torch.cuda.get_device_name()}, bf16 inputs, fp32 state; median ms; "
+          f"ratio = ours / fla (the faster of fla's calls); peak = extra MiB of one fwd+bwd"
+          + ("" if fla else "; fla not installed: no anchors"))
+    head = (f"{'shape':<10} {'variant':<7} {'ours f':>8} {'ours f+b':>9} {'fla f':>8} {'fla f+b':>8} "
+            f"{'ratio f':>7} {'ratio fb':>8} {'sdpa f+b':>8} {'peak':>7} {'fla peak':>8}")
+    print(head + "\n" + "-" * len(head))
+    for name in names:
+        B, T, H, N = SHAPES[name]
+        for variant in cfg.variants.split(","):
+            xs = bench_inputs(variant, B, T, H, N, torch.bfloat16, "cuda")
+            dy = torch.randn_like(xs["v"])
+            fn = rwkv7_attn if variant == "rwkv7" else rwkv6_attn
+            with torch.no_grad():
+                f = bench(lambda: fn(**xs, backend="triton"))
+            fb_call = lambda: fn(**xs, backend="triton")[0].backward(dy)
+            fb = bench(fb_call)
+            peak = _peak_mib(fb_call)
+            row = dict(f=f, fb=fb, peak=peak)
+            if name in anchored:
+                x = {n: t.detach().bfloat16().requires_grad_() for n, t in xs.items()}   # fla: bf16 log w
+                if fla and variant == "rwkv7":
+                    calls = [lambda: fla[0](x["r"], x["log_w"], x["k"], x["v"], x["a"], x["b"], scale=N ** -0.5)[0],
+                             lambda: fla[0](x["r"], x["log_w"], x["k"], x["v"], x["a"], x["b"], scale=N ** -0.5,
+                                            safe_gate=True, lower_bound=-math.exp(-0.5), chunk_size=64)[0]]
+                elif fla:
+                    calls = [lambda: fla[1](x["r"], x["k"], x["v"], x["log_w"], scale=N ** -0.5)[0]]
+                if fla:
+                    with torch.no_grad():
+                        row["fla_f"] = min(bench(c) for c in calls)
+                    fbs = [(bench(lambda c=c: c().backward(dy)), c) for c in calls]
+                    row["fla_fb"], best = min(fbs, key=lambda t: t[0])
+                    row["fla_peak"] = _peak_mib(lambda: best().backward(dy))
+                q, k_, v_ = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (x["r"], x["k"], x["v"]))
+                do = dy.transpose(1, 2).contiguous()
+                row["sdpa_fb"] = bench(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True).backward(do))
+                del x, q, k_, v_
+            get = lambda key: row.get(key, float("nan"))
+            print(f"{name:<10} {variant:<7} {f:>8.3f} {fb:>9.3f} {get('fla_f'):>8.3f} {get('fla_fb'):>8.3f} "
+                  f"{f / get('fla_f'):>7.2f} {fb / get('fla_fb'):>8.2f} {get('sdpa_fb'):>8.3f} "
+                  f"{peak:>7.0f} {get('fla_peak'):>8.0f}", flush=True)
+            del xs
+            torch.cuda.empty_cache()
+    print(f"\ndecode step, H=28, N=128 (RWKV7), µs: {'batch':>5} {'ours':>8} {'fla':>8} {'ratio':>6}")
+    for B in (1, 64):
+        with torch.no_grad():
+            xs = {n: t.detach() for n, t in bench_inputs("rwkv7", B, 1, 28, 128, torch.bfloat16, "cuda").items()}
+            S = torch.zeros(B, 28, 128, 128, device="cuda")
+            w16 = xs["log_w"].bfloat16()
+            ours = 1e3 * bench(lambda: rwkv7_attn(**xs, state=S, backend="triton"))
+            ref = float("nan")
+            if fla:
+                ref = 1e3 * bench(lambda: fla[2](xs["r"], w16, xs["k"], xs["v"], xs["a"], xs["b"],
+                                                 scale=128 ** -0.5, initial_state=S, output_final_state=True))
+        print(f"{'':<40} {B:>5} {ours:>8.1f} {ref:>8.1f} {ours / ref:>6.2f}", flush=True)
 
 
 def main():
