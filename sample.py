@@ -1,0 +1,392 @@
+"""Generate from a RADLADS student with its recurrent state; compare with the teacher; benchmark both.
+
+    python sample.py --ckpt out/rwkv7-init --prompt "The capital of France is" --max-new-tokens 40
+    python sample.py --ckpt out/rwkv7-init --chat --prompt "Name three fruits." --compare
+    python sample.py --ckpt out/rwkv7-init --prompt "$(cat doc.txt)" --max-new-tokens 0 --state-out doc.state
+    python sample.py --ckpt out/rwkv7-init --state-in doc.state --prompt " Summary:" --max-new-tokens 60
+    python sample.py --ckpt out/rwkv7-init --bench --bench-lengths 128,512 --bench-batches 1,4   # CPU
+
+Generation carries the student's State (model.py): the prompt runs once through the parallel
+(chunked) path, in pieces of --prefill-chunk tokens, then each new token is one recurrent step of
+O(1) time and memory whatever the context length (METHOD §3–§4; the reference re-ran the whole
+prefix per token, METHOD §10). Tokens stream as they are made: the growing sequence is decoded and
+its new suffix printed, held back while it ends inside a multi-byte character.
+
+--ckpt: a Student.save folder or an export.py folder (read without transformers). Tokenizer:
+--tokenizer PATH (a teacher path), else the checkpoint folder's own tokenizer.json (export.py
+folders have one; Student.save folders do not), else --teacher PATH's, else the embedded default
+teacher's (teacher.load_tokenizer()); its vocabulary must fit the student's.
+--teacher PATH or --compare (default teacher) also prints the teacher's answer for the same prompt
+and seed, made with the KV-cache loop below (TeacherDecoder, over teacher.py's modules).
+--state-out saves the state after everything this run read and wrote (with --chat, the reply is
+closed with the template's end-of-turn text); --state-in continues from it, so a long document read
+once can be queried many times (with --chat the prompt becomes the next user turn).
+Sampling: --temperature 0 (default) is greedy; otherwise softmax(logits / T) restricted to the
+--top-k most likely tokens and the smallest set holding --top-p of the mass, drawn with --seed.
+"""
+import argparse
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+import teacher as teacher_lib
+from export import ExportError, load_checkpoint, load_tok
+from model import State, Student
+from teacher import apply_rope, rope_cos_sin
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""                 # a Student.save or export.py folder
+    prompt: str = ""
+    chat: bool = False             # wrap the prompt in the teacher's chat template as a user turn
+    max_new_tokens: int = 128
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
+    seed: int = 0
+    teacher: str = ""              # teacher path: tokenizer source and --compare against it
+    tokenizer: str = ""            # tokenizer source (a teacher path) without comparing
+    compare: bool = False          # print the teacher's answer too (default teacher without --teacher)
+    state_in: str = ""             # continue from a State file
+    state_out: str = ""            # save the State after this run
+    device: str = "auto"           # auto = cuda if available
+    dtype: str = "fp32"            # fp32 | bf16 weights (the state stays fp32)
+    threads: int = 0               # CPU threads (0 = torch's default; 1 is fastest on a busy machine)
+    prefill_chunk: int = 2048      # prompt tokens per parallel forward (bounds prefill memory)
+    bench: bool = False
+    bench_lengths: str = "512,4096,16384,65536"
+    bench_batches: str = "1,32"
+    bench_tokens: int = 32         # decoded tokens timed per row
+
+
+# ---------------------------------------------------------------- decoders: tokens in, logits out
+
+class StudentDecoder:
+    """The student with its carried State: each call continues the sequence."""
+
+    def __init__(self, model: Student, state: State | None = None):
+        self.model, self.state = model, state
+
+    def __call__(self, idx):                                        # (B, T) -> (B, T, V)
+        logits, self.state = self.model(idx, self.state)
+        return logits
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state.layers for t in st.values())
+
+
+class TeacherDecoder:
+    """The teacher with a KV cache: teacher.py's modules, run one block at a time so that each
+    attention reads the cached keys/values of all earlier positions. Per layer k, v: (B, Hkv, Tmax, N),
+    preallocated; RoPE positions continue from `pos`."""
+
+    def __init__(self, model: teacher_lib.Teacher, B: int, max_len: int):
+        c, w = model.cfg, model.embed_tokens.weight
+        shape = (B, c.n_kv_heads, max_len, c.head_dim)
+        self.model, self.pos = model, 0
+        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+
+    def attention(self, i: int, attn, x, cos, sin):
+        B, T, _ = x.shape
+        p = self.pos
+        if p + T > self.k[i].shape[2]:
+            raise ValueError(f"KV cache holds {self.k[i].shape[2]} tokens; {p + T} needed (raise max_len)")
+        q = attn.q_proj(x).view(B, T, attn.H, attn.N)
+        k = attn.k_proj(x).view(B, T, attn.Hkv, attn.N)
+        v = attn.v_proj(x).view(B, T, attn.Hkv, attn.N)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.k[i][:, :, p:p + T] = k.transpose(1, 2)
+        self.v[i][:, :, p:p + T] = v.transpose(1, 2)
+        K, V = self.k[i][:, :, :p + T], self.v[i][:, :, :p + T]                      # (B, Hkv, p+T, N)
+        # query t (position p + t) sees keys 0 .. p + t; one query needs no mask
+        mask = None if T == 1 or p == 0 else torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask, is_causal=p == 0 and T > 1,
+                                           enable_gqa=attn.H != attn.Hkv)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, attn.H * attn.N))
+
+    def __call__(self, idx):                                        # (B, T) -> (B, T, V)
+        t = self.model
+        cos, sin = rope_cos_sin(t.inv_freq, idx.shape[1], offset=self.pos)
+        h = t.embed_tokens(idx)
+        for i, block in enumerate(t.layers):
+            h = h + self.attention(i, block.self_attn, block.input_layernorm(h), cos, sin)
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        self.pos += idx.shape[1]
+        return t.lm_head(t.norm(h))
+
+    def cache_bytes(self) -> int:             # the part in use
+        return sum(2 * c[:, :, :self.pos].numel() * c.element_size() for c in self.k)
+
+
+# ---------------------------------------------------------------- sampling and the generation loop
+
+def pick(logits, cfg: SampleConfig, gen: torch.Generator | None):
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else top-k / top-p sampling."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p          # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def prefill(decoder, idx, chunk: int):
+    """Run the prompt (B, T) through the decoder in pieces of `chunk`; logits of the last token (B, V)."""
+    for s in range(0, idx.shape[1], chunk):
+        logits = decoder(idx[:, s:s + chunk])
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate(decoder, prompt, cfg: SampleConfig, eos_id=None, on_token=None):
+    """Continue `prompt` (B, T) for up to cfg.max_new_tokens. Returns (new ids (B, n), unfed (B, 0..1)):
+    the last id made but not yet fed to the decoder (an EOS, or the last new token). Stops once every
+    row has made eos_id; the EOS is not among the new ids. on_token(id) streams row 0."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    logits = prefill(decoder, prompt, cfg.prefill_chunk)
+    out, done = [], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for i in range(cfg.max_new_tokens):
+        nxt = pick(logits, cfg, gen)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                return (torch.stack(out, 1) if out else prompt[:, :0]), nxt[:, None]
+        out.append(nxt)
+        if on_token:
+            on_token(int(nxt[0]))
+        if i + 1 < cfg.max_new_tokens:
+            logits = decoder(nxt[:, None])[:, -1]                  # one recurrent step (or cached attention)
+    new = torch.stack(out, 1) if out else prompt[:, :0]
+    return new, new[:, -1:]
+
+
+class Streamer:
+    """Prints the text of a growing token sequence: decode everything, print the new suffix; wait
+    while the text ends in U+FFFD (a multi-byte character split across tokens)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.text = tok, out, [], ""
+
+    def __call__(self, token_id: int):
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text)
+
+    def write(self, text):
+        out = self.out or sys.stdout
+        out.write(text[len(self.text):])   # decoded text only grows at its end
+        out.flush()
+        self.text = text
+
+    def end(self):
+        """Flush what was held back (the answer stopped inside a character: its bytes print as U+FFFD)."""
+        self.write(self.tok.decode(self.ids, skip_special_tokens=True))
+
+
+# ---------------------------------------------------------------- chat turns and saved states
+
+_U, _A = "\x00user\x00", "\x00assistant\x00"    # placeholders no real message contains
+
+
+def chat_text(tok, user: str, first: bool, reply: bool) -> str:
+    """The template's text for one more user turn (+ the assistant header when reply). After a
+    saved state (first=False) it is what the template adds after an earlier exchange, so a
+    default system prompt is not repeated."""
+    msg = {"role": "user", "content": user}
+    if first:
+        return tok.chat_prompt([msg], add_generation_prompt=reply)
+    past = [{"role": "user", "content": _U}, {"role": "assistant", "content": _A}]
+    before = tok.chat_prompt(past, add_generation_prompt=False)
+    full = tok.chat_prompt(past + [msg], add_generation_prompt=reply)
+    if not full.startswith(before):
+        raise ValueError(f"{tok.name}'s chat template rewrites earlier turns; drop --chat when continuing "
+                         "a saved state and write the turn text yourself")
+    return full[len(before):]
+
+
+def turn_end(tok) -> str:
+    """What the template writes after an assistant reply (ChatML: '<|im_end|>\\n')."""
+    text = tok.chat_prompt([{"role": "user", "content": _U}, {"role": "assistant", "content": _A}],
+                           add_generation_prompt=False)
+    return text[text.rindex(_A) + len(_A):]
+
+
+def load_state(path, student: Student, device) -> State:
+    try:
+        state = State.load(path, device=device)
+    except Exception as e:  # missing file, not safetensors, no metadata
+        raise ValueError(f"--state-in {path}: cannot read it ({type(e).__name__}: {e}); "
+                         "pass a file written by --state-out") from None
+    want = student.init_state(1, device)
+    if len(state.layers) != len(want.layers) or any(
+            {k: t.shape for k, t in a.items()} != {k: t.shape for k, t in b.items()}
+            for a, b in zip(state.layers, want.layers)):
+        raise ValueError(f"--state-in {path} was saved by a different student (layer/state shapes differ); "
+                         "use the checkpoint that wrote it")
+    return state
+
+
+# ---------------------------------------------------------------- benchmark
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def bench_one(make_decoder, B, T, cfg: SampleConfig, vocab, device):
+    """(decode tokens/s over B rows, ms per step, cache MB, peak MB or nan) after a T-token prompt.
+    Per-step times are medians (robust to other jobs on a shared machine)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, vocab, (B, T), generator=g).to(device)
+    dec = make_decoder(B, T + cfg.bench_tokens + 1)
+    nxt = prefill(dec, prompt, cfg.prefill_chunk).argmax(-1)[:, None]
+    nxt = dec(nxt)[:, -1].argmax(-1)[:, None]                   # warm-up step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg.bench_tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        nxt = dec(nxt)[:, -1].argmax(-1)[:, None]
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return B / step, 1e3 * step, dec.cache_bytes() / 2**20, peak
+
+
+def bench(student: Student, teacher, cfg: SampleConfig, device):
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    print(f"decode after a T-token prompt; median of {cfg.bench_tokens} steps; device {device}, "
+          f"{torch.get_num_threads()} threads, weights {student.embed_tokens.weight.dtype}; "
+          "cache = recurrent state (student) / KV cache (teacher); peak = max allocated (CUDA only)")
+    head = (f"{'T':>6} {'B':>3} | {'student tok/s':>13} {'ms/step':>8} {'state MB':>9} {'peak MB':>8} | "
+            f"{'teacher tok/s':>13} {'ms/step':>8} {'KV MB':>9} {'peak MB':>8} | {'speed x':>7} {'cache x':>8}")
+    print(head + "\n" + "-" * len(head), flush=True)
+    results = []
+    for T in ints(cfg.bench_lengths):
+        for B in ints(cfg.bench_batches):
+            rows = []
+            for make in (lambda b, n: StudentDecoder(student), lambda b, n: TeacherDecoder(teacher, b, n)):
+                try:
+                    rows.append(bench_one(make, B, T, cfg, student.cfg.vocab_size, device))
+                except (torch.OutOfMemoryError, MemoryError):       # "where memory allows"
+                    rows.append((float("nan"),) * 4)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            (s_tps, s_ms, s_mb, s_pk), (t_tps, t_ms, t_mb, t_pk) = rows
+            print(f"{T:>6} {B:>3} | {s_tps:>13.1f} {s_ms:>8.2f} {s_mb:>9.3g} {s_pk:>8.0f} | "
+                  f"{t_tps:>13.1f} {t_ms:>8.2f} {t_mb:>9.3g} {t_pk:>8.0f} | {s_tps / t_tps:>7.2f} "
+                  f"{t_mb / s_mb:>8.2f}", flush=True)
+            results.append({"T": T, "B": B, "student": rows[0], "teacher": rows[1]})
+    return results
+
+
+# ---------------------------------------------------------------- main
+
+def run(cfg: SampleConfig):
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    student = load_checkpoint(cfg.ckpt).to(device, dtype).eval().requires_grad_(False)
+    student.init_buffers()
+    tok = teacher_lib.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tok(cfg.ckpt, cfg.teacher or None)
+    if tok.vocab_size > student.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the student {student.cfg.vocab_size}: "
+                         "pass the student's own teacher with --teacher")
+    teacher = None
+    if cfg.teacher or cfg.compare or cfg.bench:
+        teacher, teacher_tok = teacher_lib.load_teacher(cfg.teacher or None, dtype=dtype, device=device)
+        teacher.requires_grad_(False)
+        if teacher_tok.fingerprint != tok.fingerprint:
+            raise ValueError(f"the student's tokenizer ({tok.name}) differs from the teacher's ({teacher_tok.name}): "
+                             "compare with the student's own teacher (--teacher PATH)")
+    if cfg.bench:
+        return bench(student, teacher, cfg, device)
+    if cfg.state_in and teacher is not None:
+        raise ValueError("--state-in continues the student only (the teacher has no saved state): "
+                         "drop --compare/--teacher")
+    state = load_state(cfg.state_in, student, device) if cfg.state_in else None
+    if cfg.chat:
+        text = chat_text(tok, cfg.prompt, first=state is None, reply=cfg.max_new_tokens > 0)
+    else:
+        text = cfg.prompt
+    ids = ([tok.bos_id] if tok.add_bos and state is None and not cfg.chat else []) + tok.encode(text)
+    if not ids:
+        raise ValueError("the prompt is empty: pass --prompt TEXT (or --state-in to continue a saved state)")
+    prompt = torch.tensor([ids], device=device)
+    runs = [("student", StudentDecoder(student, state))]
+    if teacher is not None:
+        runs.append(("teacher", TeacherDecoder(teacher, 1, len(ids) + cfg.max_new_tokens + 1)))
+    answers, unfed = {}, {}
+    for name, dec in runs:
+        if len(runs) > 1:
+            print(f"\n--- {name} ({cfg.ckpt if name == 'student' else tok.name}) ---")
+        t0 = time.perf_counter()
+        stream = Streamer(tok)
+        new, rest = generate(dec, prompt, cfg, tok.eos_id, stream)
+        stream.end()
+        dt = time.perf_counter() - t0
+        answers[name], unfed[name] = new[0].tolist(), rest[0].tolist()
+        print(f"\n[{name}: {len(answers[name])} tokens in {dt:.2f} s, prompt {len(ids)} tokens]", file=sys.stderr)
+    if len(answers) == 2:
+        s, t = answers["student"], answers["teacher"]
+        same = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+        print(f"\nstudent and teacher agree on the first {same} of {max(len(s), len(t))} tokens")
+    if cfg.state_out:
+        dec = runs[0][1]
+        tail = state_tail(tok, cfg, unfed["student"])
+        if tail:                                  # the state must have read everything shown
+            dec(torch.tensor([tail], device=device))
+        dec.state.save(cfg.state_out)
+        print(f"state after {dec.state.pos} tokens saved to {cfg.state_out}", file=sys.stderr)
+    return answers
+
+
+def state_tail(tok, cfg: SampleConfig, unfed: list[int]) -> list[int]:
+    """Tokens to feed before saving: the last one made (or the EOS), and with --chat the rest of the
+    template's end of turn, so that the next --state-in run starts a clean user turn."""
+    if not cfg.chat or cfg.max_new_tokens == 0:
+        return unfed
+    end = tok.encode(turn_end(tok))
+    return end if unfed == end[:1] else unfed + end
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(SampleConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    cfg = SampleConfig(**vars(p.parse_args(argv)))
+    if not cfg.ckpt:
+        p.error("--ckpt is required (a Student.save folder, e.g. from: python model.py --out out/rwkv7-init)")
+    try:
+        run(cfg)
+    except (ValueError, ExportError, teacher_lib.TeacherError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

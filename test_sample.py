@@ -1,0 +1,253 @@
+"""Tests of sample.py: the recurrent decode loop against the parallel forward, saved states, the
+teacher's KV cache against its cache-free forward, streaming, sampling, chat turns, the bench.
+
+References are independent of the code under test: Student.forward on the whole sequence (chunked
+kernel path) for the one-token loop (naive step path), Teacher.forward without cache (and
+teacher.generate_greedy) for the KV cache, tok.chat_prompt on the whole conversation for chat turns.
+
+    python -m pytest -x -q test_sample.py
+"""
+import shutil
+
+import pytest
+import torch
+
+import sample
+import teacher as teacher_lib
+from conftest import make_hf_teacher, tiny_teacher_config
+from model import State, Student
+from sample import SampleConfig, StudentDecoder, TeacherDecoder
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def perturbed(model, seed=0, std=0.05):
+    """Move every parameter off its init so that a wrong mapping or a skipped term shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def tiny_teacher(arch="llama", seed=0):
+    torch.manual_seed(seed)
+    t = teacher_lib.Teacher(tiny_teacher_config(arch)).eval()
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.3)
+    return t
+
+
+@pytest.fixture(scope="module", params=["rwkv7", "rwkv6"])
+def student(request):
+    return perturbed(Student.from_teacher(tiny_teacher(), request.param)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny HF teacher with a real tokenizer (byte-level BPE + ChatML), for the CLI-level tests."""
+    return make_hf_teacher(tmp_path_factory.mktemp("hf"), "llama")
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_folder, tmp_path_factory):
+    """A perturbed student of the tiny HF teacher, saved with the teacher's tokenizer beside it."""
+    teacher, _ = teacher_lib.load_teacher(hf_folder)
+    folder = tmp_path_factory.mktemp("ckpt") / "student"
+    perturbed(Student.from_teacher(teacher, "rwkv7"), seed=1).save(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (hf_folder / f).exists():
+            shutil.copy(hf_folder / f, folder / f)
+    return folder
+
+
+# ---------------------------------------------------------------- the student's recurrent loop
+
+def test_one_token_loop_equals_parallel_forward(student):
+    """Token-by-token decoding with the carried State (naive kernel step) == one parallel forward."""
+    idx = torch.randint(0, student.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, ref_state = student(idx)
+        dec = StudentDecoder(student)
+        steps = torch.cat([dec(idx[:, t:t + 1]) for t in range(idx.shape[1])], 1)
+    err = rel_err(steps, ref)
+    print(f"{student.cfg.variant}: loop vs parallel logits rel err {err:.2e}")
+    assert err < 1e-5
+    assert dec.state.pos == ref_state.pos == 37
+    for a, b in zip(dec.state.layers, ref_state.layers):
+        for k in a:
+            assert rel_err(a[k], b[k]) < 1e-5, k
+
+
+def test_chunked_prefill_then_generate_equals_cache_free_greedy(student):
+    """sample.generate (prefill in pieces of 5, then one step per token) == argmax loop re-running
+    Student.forward on the whole sequence (teacher.generate_greedy, no state)."""
+    ids = torch.randint(0, student.cfg.vocab_size, (1, 13), generator=torch.Generator().manual_seed(1))
+    cfg = SampleConfig(max_new_tokens=12, prefill_chunk=5)
+    new, unfed = sample.generate(StudentDecoder(student), ids, cfg)
+    ref = teacher_lib.generate_greedy(student, ids[0].tolist(), 12)
+    assert new[0].tolist() == ref
+    assert unfed[0].tolist() == ref[-1:]
+
+
+def test_state_save_load_resumes_identically(student, tmp_path):
+    """forward(a), State.save, State.load, forward(b, state) == forward(a + b); pos carries RoPE."""
+    idx = torch.randint(0, student.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, _ = student(idx)
+        dec = StudentDecoder(student)
+        dec(idx[:, :23])
+        dec.state.save(tmp_path / "s.state")
+        dec2 = StudentDecoder(student, sample.load_state(tmp_path / "s.state", student, "cpu"))
+        assert dec2.state.pos == 23
+        rest = dec2(idx[:, 23:])
+    assert rel_err(rest, ref[:, 23:]) < 1e-5
+
+
+def test_load_state_rejects_other_students(student, tmp_path):
+    bad = State([{"S": torch.zeros(1, 2, 3, 3)}], pos=4)
+    bad.save(tmp_path / "bad.state")
+    with pytest.raises(ValueError, match="different student"):
+        sample.load_state(tmp_path / "bad.state", student, "cpu")
+    (tmp_path / "junk.state").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="--state-out"):
+        sample.load_state(tmp_path / "junk.state", student, "cpu")
+
+
+# ---------------------------------------------------------------- the teacher's KV cache
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_teacher_kv_cache_equals_forward(arch):
+    """Cached decoding (prefill in pieces of 7 with the offset mask, then single tokens) gives the
+    same logits as Teacher.forward on the whole sequence, and the same greedy tokens as
+    teacher.generate_greedy (no cache)."""
+    t = tiny_teacher(arch, seed=3)
+    idx = torch.randint(0, t.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = t(idx)
+        dec = TeacherDecoder(t, 2, 40)
+        got = torch.cat([dec(idx[:, :7]), dec(idx[:, 7:14]), dec(idx[:, 14:15])]
+                        + [dec(idx[:, s:s + 1]) for s in range(15, 30)], 1)
+    assert rel_err(got, ref) < 1e-5
+    ids = idx[:1, :9]
+    new, _ = sample.generate(TeacherDecoder(t, 1, 40), ids, SampleConfig(max_new_tokens=15, prefill_chunk=4))
+    assert new[0].tolist() == teacher_lib.generate_greedy(t, ids[0].tolist(), 15)
+
+
+def test_teacher_cache_overflow_is_a_clear_error():
+    t = tiny_teacher()
+    dec = TeacherDecoder(t, 1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        dec(torch.zeros(1, 5, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- sampling, streaming, chat turns
+
+def test_pick_greedy_topk_topp_and_seed():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample.pick(logits, SampleConfig(), None), greedy)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(sample.pick(logits, SampleConfig(temperature=1.0, top_k=1), g()), greedy)
+    assert torch.equal(sample.pick(logits, SampleConfig(temperature=1.0, top_p=1e-6), g()), greedy)
+    cfg = SampleConfig(temperature=0.8, top_k=10, top_p=0.9)
+    draws = [sample.pick(logits, cfg, g()) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])                      # same seed, same draw
+    top10 = logits.topk(10, -1).indices
+    many = torch.stack([sample.pick(logits, cfg, None) for _ in range(200)], 1)
+    assert all(set(many[i].tolist()) <= set(top10[i].tolist()) for i in range(3))
+
+
+def test_streamer_prints_whole_characters_only(hf_folder, capsys):
+    """Byte-level BPE splits 🙂 and ✓ across tokens: the stream never shows a partial character
+    and ends equal to decoding everything at once."""
+    tok = teacher_lib.load_tokenizer(hf_folder)
+    text = "Ça va 🙂 ✓ naïve — 日本"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())                        # multi-byte characters are split
+    st = sample.Streamer(tok)
+    chunks = []
+    for i in ids:
+        st(i)
+        chunks.append(capsys.readouterr().out)
+    assert "".join(chunks) == tok.decode(ids) == text
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_chat_turns_reproduce_the_whole_conversation(hf_folder):
+    """first turn + reply + end of turn + follow-up turn == the template on the whole conversation."""
+    tok = teacher_lib.load_tokenizer(hf_folder)
+    u1, a1, u2 = "Hi there", "Hello!", "What now?"
+    pieces = (sample.chat_text(tok, u1, first=True, reply=True) + a1 + sample.turn_end(tok)
+              + sample.chat_text(tok, u2, first=False, reply=True))
+    whole = tok.chat_prompt([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                             {"role": "user", "content": u2}])
+    assert pieces == whole
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_state_out_then_state_in_equals_one_run(ckpt, tmp_path, capsys):
+    """Read a document once (--max-new-tokens 0 --state-out), then ask with --state-in: the same
+    tokens as one run on document + question."""
+    doc, question = "The quick brown fox jumps over the lazy dog.", " It was the best of times"
+    one = sample.run(SampleConfig(ckpt=str(ckpt), prompt=doc + question, max_new_tokens=8))
+    sample.run(SampleConfig(ckpt=str(ckpt), prompt=doc, max_new_tokens=0, state_out=str(tmp_path / "doc.state")))
+    two = sample.run(SampleConfig(ckpt=str(ckpt), prompt=question, max_new_tokens=8, state_in=str(tmp_path / "doc.state")))
+    tok = teacher_lib.load_tokenizer(ckpt)
+    assert tok.encode(doc) + tok.encode(question) == tok.encode(doc + question)   # same tokens either way
+    assert two["student"] == one["student"] and len(one["student"]) == 8
+    out = capsys.readouterr().out
+    assert tok.decode(one["student"], skip_special_tokens=True) in out
+
+
+def test_cli_chat_state_continues_a_conversation(ckpt, tmp_path):
+    """A chat turn saved with --state-out (reply closed with the end-of-turn text) continued with
+    --state-in equals the student run on the whole conversation text."""
+    tok = teacher_lib.load_tokenizer(ckpt)
+    path = str(tmp_path / "chat.state")
+    first = sample.run(SampleConfig(ckpt=str(ckpt), prompt="Hi", chat=True, max_new_tokens=5, state_out=path))
+    second = sample.run(SampleConfig(ckpt=str(ckpt), prompt="More", chat=True, max_new_tokens=5, state_in=path))
+    student = Student.load(ckpt)
+    ids = tok.encode(tok.chat_prompt([{"role": "user", "content": "Hi"}]))
+    ids += first["student"] + tok.encode(sample.turn_end(tok)) + tok.encode(sample.chat_text(tok, "More", False, True))
+    ref = teacher_lib.generate_greedy(student, ids, 5, tok.eos_id)
+    assert second["student"] == ref
+
+
+def test_state_tail_closes_the_turn(hf_folder):
+    """Before saving: the unfed token, then the rest of the end of turn; an EOS is not doubled."""
+    tok = teacher_lib.load_tokenizer(hf_folder)
+    end = tok.encode(sample.turn_end(tok))
+    assert end[0] == tok.eos_id
+    chat, plain = SampleConfig(chat=True, max_new_tokens=4), SampleConfig(max_new_tokens=4)
+    assert sample.state_tail(tok, chat, [tok.eos_id]) == end
+    assert sample.state_tail(tok, chat, [7]) == [7] + end
+    assert sample.state_tail(tok, plain, [tok.eos_id]) == [tok.eos_id]
+    assert sample.state_tail(tok, SampleConfig(chat=True, max_new_tokens=0), []) == []
+
+
+def test_cli_compare_and_errors(ckpt, hf_folder, tmp_path, capsys):
+    sample.main(["--ckpt", str(ckpt), "--prompt", "The quick", "--max-new-tokens", "4", "--teacher", str(hf_folder)])
+    out = capsys.readouterr().out
+    assert "--- student" in out and "--- teacher" in out and "agree on the first" in out
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--state-in", str(tmp_path / "missing.state")])
+    assert e.value.code == 2
+    assert "--state-in" in capsys.readouterr().err
+
+
+def test_bench_student_cache_is_flat(ckpt, hf_folder, capsys):
+    """The bench runs; the student's state does not grow with the context, the teacher's KV cache does."""
+    student = Student.load(ckpt).eval()
+    teacher, _ = teacher_lib.load_teacher(hf_folder)
+    cfg = SampleConfig(bench_lengths="8,32", bench_batches="1,2", bench_tokens=2, prefill_chunk=16)
+    rows = sample.bench(student, teacher, cfg, torch.device("cpu"))
+    assert len(rows) == 4 and "teacher tok/s" in capsys.readouterr().out
+    cache = {(r["T"], r["B"]): (r["student"][2], r["teacher"][2]) for r in rows}   # MB
+    for B in (1, 2):
+        assert cache[32, B][0] == cache[8, B][0] > 0               # state: flat
+        assert cache[32, B][1] > cache[8, B][1] > 0                # KV cache: grows
