@@ -166,11 +166,13 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # ---------------------------------------------------------------------------------------------
 # 3. Triton kernels (KERNELS.md "A lean design"), launchers and the autograd Function
 # ---------------------------------------------------------------------------------------------
-# Forward: _state_kernel (sequential over chunks, stores every chunk's S₀) + _out_kernel (all
-# chunks in parallel). Backward: _dstate_kernel (sequential, stores ∂L/∂S at every chunk end) +
-# _grad_kernel (all chunks in parallel). Decode: _step_kernel. Math in fp32 (inputs of any float
-# dtype are converted on load), TF32 tensor-core dots for 16-bit inputs on GPU (IEEE fp32 dots
-# for fp32 inputs), the triangular inverse in IEEE fp32. Saved for backward: the inputs and the fp32 chunk states; everything else recomputed.
+# Forward: _fwd_kernel, one sequential pass over the chunks that writes Y as it goes (and, when a
+# backward follows, every chunk's S₀ and RWKV7's u). Backward: _dstate_kernel, the reverse
+# sequential pass (stores ∂L/∂S at every chunk end, writes dV and RWKV7's dz as it goes), then
+# _grad_kernel, the K-side gradients of all chunks in parallel. Decode: _step_kernel. Math in
+# fp32 (inputs of any float dtype are converted on load), TF32 tensor-core dots for 16-bit inputs
+# on GPU (IEEE fp32 dots for fp32 inputs), the triangular inverse in IEEE fp32. Saved for
+# backward: the inputs, the fp32 chunk states and u; everything else is recomputed.
 try:
     import triton
     import triton.language as tl
@@ -261,12 +263,16 @@ def _pairs(qp, kn, ap, bn, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit(do_not_specialize=["T"])
-def _state_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, T,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                  DPLR: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
-    """Forward state pass, one program per (V block, batch·head), sequential over chunks:
-    stores S₀ of chunk n at st[n] (n = 0..NT, st[NT] = final state) with
-    S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,  u = T (a₀ S₀ + A_ak V)  (DPLR only)."""
+def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                DPLR: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
+    """Forward pass, one program per (V block, batch·head), sequential over chunks; per chunk
+        Y = scale (r₀ S₀ + A_qk V + A_qb u),  S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,
+        u = T (a₀ S₀ + A_ak V)  (DPLR only).
+    The output terms hang off the S₀ → S_C chain and overlap it, instead of a second kernel
+    re-reading every chunk state (2.1× faster forward at q7b-L4k on an H100). Writes the final
+    state to sT; when STORE (a backward follows) also S₀ of chunk n at st[n] (n = 0..NT,
+    st[NT] = S_T) and, for DPLR, u (token-major like V, fp32) for _grad_kernel."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
@@ -285,51 +291,27 @@ def _state_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, T,
         m = (t < T)[:, None]
         row = (ib * T + t) * H + ih                                       # (C,) token rows
         offk = row[:, None] * K + ck[None, :]
-        v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32)
+        offv = row[:, None] * V + cv[None, :]
+        v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-        tl.store(st_ptr + (ibh * (NT + 1) + it) * K * V + kv, S)
+        if STORE:
+            tl.store(st_ptr + (ibh * (NT + 1) + it) * K * V + kv, S)
+        A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+        o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
         Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
         if DPLR:
-            A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
             u = tl.dot(Tm, tl.dot(a0, S, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
                        input_precision=PREC)                              # u_i = a_iᵀ S_{i−1}
+            o += tl.dot(A_qb, u, input_precision=PREC)
             Snew += tl.dot(tl.trans(bC), u, input_precision=PREC)
+            if STORE:
+                tl.store(u_ptr + offv, u, mask=m)
+        tl.store(y_ptr + offv, (o * scale).to(y_ptr.dtype.element_ty), mask=m)
         S = Snew
-    tl.store(st_ptr + (ibh * (NT + 1) + NT) * K * V + kv, S)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _out_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y_ptr, T, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                DPLR: tl.constexpr, PREC: tl.constexpr):
-    """Output, one program per (chunk, V block, batch·head), all in parallel:
-    Y = scale (r₀ S₀ + A_qk V + A_qb u),  u = T (a₀ S₀ + A_ak V)."""
-    it = tl.program_id(0)
-    iv = tl.program_id(1)
-    ibh = tl.program_id(2).to(tl.int64)
-    ib = ibh // H
-    ih = ibh % H
-    NT = tl.cdiv(T, C)
-    ri = tl.arange(0, C)
-    ck = tl.arange(0, K)
-    cv = iv * BV + tl.arange(0, BV)
-    t = it * C + ri
-    m = (t < T)[:, None]
-    row = (ib * T + t) * H + ih
-    offk = row[:, None] * K + ck[None, :]
-    offv = row[:, None] * V + cv[None, :]
-    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-    S = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + ck[:, None] * V + cv[None, :])
-    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
-    o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
-    if DPLR:
-        u = tl.dot(Tm, tl.dot(a0, S, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
-                   input_precision=PREC)
-        o += tl.dot(A_qb, u, input_precision=PREC)
-    tl.store(y_ptr + offv, (o * scale).to(y_ptr.dtype.element_ty), mask=m)
+    if STORE:
+        tl.store(st_ptr + (ibh * (NT + 1) + NT) * K * V + kv, S)
+    tl.store(sT_ptr + ibh * K * V + kv, S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,16 +326,19 @@ def _out_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y_ptr, T, scal
 #   dg_i = c + Σ_{j≥i} (r dr − k dk − b db)_j + Σ_{j>i} (a da)_j,  c = rowsum(S_C ⊙ dS)
 #   (from rowsum(S_i ⊙ dS_i) = dg_{i+1} + a_{i+1} da_{i+1} + r_i dr_i and
 #    dg_i = rowsum(S_i ⊙ dS_i) − b_i db_i − k_i dk_i).
-# Every term is a sum over the V columns, so V blocks add their partial dR, dK, dA, dB, dg.
+# dV and dz need only chunk-local terms and dS, so the reverse pass writes them; dR, dK, dA, dB,
+# dg need S₀ as well and are per key channel (sums over V, no K-contraction): _grad_kernel takes
+# blocks of key channels with the whole V row, so no partial sums are added across programs.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["T"])
-def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, T, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                   DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
+def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, dv_ptr, dz_ptr,
+                   T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BV: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
-    stores dS (gradient of chunk n's end state) at dst[n], then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
+    stores dS (gradient of chunk n's end state) at dst[n], writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz
+    and (DPLR) dz (fp32, token-major like V) off the dS chain, then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
@@ -373,37 +358,43 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
         m = (t < T)[:, None]
         row = (ib * T + t) * H + ih
         offk = row[:, None] * K + ck[None, :]
-        dy = tl.load(dy_ptr + row[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32) * scale
+        offv = row[:, None] * V + cv[None, :]
+        dy = tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
         tl.store(dst_ptr + (ibh * NT + it) * K * V + kv, dS)
         dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
+        A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+        dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
         if DPLR:
-            A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
             dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
                         + tl.dot(bC, dS, input_precision=PREC), input_precision=PREC)
             dSprev += tl.dot(tl.trans(a0), dz, input_precision=PREC)
+            dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
+            tl.store(dz_ptr + offv, dz, mask=m)
+        tl.store(dv_ptr + offv, dv.to(dv_ptr.dtype.element_ty), mask=m)
         dS = dSprev
     tl.store(ds0_ptr + ibh * K * V + kv, dS)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, T, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                 DPLR: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
-    """Input gradients, one program per (chunk, V block, batch·head), all in parallel, from the
-    saved S₀ (st[n]), S_C (st[n+1]) and dS (dst[n]); V blocks add partial sums when ATOMIC."""
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 DPLR: tl.constexpr, PREC: tl.constexpr):
+    """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
+    (chunk, K block, batch·head), all in parallel, from S₀ (st[n]), S_C (st[n+1]), dS (dst[n]),
+    the forward's u and the reverse pass's dz; written in the gradients' dtypes."""
     it = tl.program_id(0)
-    iv = tl.program_id(1)
+    ik = tl.program_id(1)
     ibh = tl.program_id(2).to(tl.int64)
     ib = ibh // H
     ih = ibh % H
     NT = tl.cdiv(T, C)
     ri = tl.arange(0, C)
-    ck = tl.arange(0, K)
-    cv = iv * BV + tl.arange(0, BV)
-    kv = ck[:, None] * V + cv[None, :]
+    ck = ik * BK + tl.arange(0, BK)
+    cv = tl.arange(0, V)
+    kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
     causal = ri[:, None] >= ri[None, :]                               # j ≤ i
     strict = ri[:, None] > ri[None, :]                                # j < i
     upper = ri[:, None] <= ri[None, :]                                # j ≥ i (on transposed pairs)
@@ -417,22 +408,18 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
     dy = tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale   # dŶ
     S0 = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + kv)
     dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv)
-    c = tl.sum(tl.load(st_ptr + (ibh * (NT + 1) + it + 1) * K * V + kv) * dS, axis=1)   # rowsum(S_C ⊙ dS)
+    SC = tl.load(st_ptr + (ibh * (NT + 1) + it + 1) * K * V + kv)
+    c = tl.sum(SC * dS, axis=1)                                       # rowsum(S_C ⊙ dS)
     g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
-    dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
     dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # [i, j] = dŷ_i · v_j
     dr = tl.exp(gam) * tl.dot(dy, tl.trans(S0), input_precision=PREC) + tl.exp(gam - ref[None, :]) * \
         tl.dot(tl.where(causal, dyv, 0.0), kn, input_precision=PREC)
     dk = tl.exp(gC[None, :] - gam) * tl.dot(v, tl.trans(dS), input_precision=PREC)
     dkin = tl.dot(tl.where(upper, tl.trans(dyv), 0.0), qp, input_precision=PREC)
     if DPLR:
-        u = tl.dot(Tm, tl.dot(a0, S0, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
-                   input_precision=PREC)
-        dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
-                    + tl.dot(bC, dS, input_precision=PREC), input_precision=PREC)
-        dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
+        u = tl.load(u_ptr + offv, mask=m, other=0.0)
+        dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
         dyu = tl.dot(dy, tl.trans(u), input_precision=PREC)             # [i, j] = dŷ_i · u_j
         dzv = tl.dot(dz, tl.trans(v), input_precision=PREC)             # [i, j] = dz_i · v_j
         dzu = tl.dot(dz, tl.trans(u), input_precision=PREC)             # [i, j] = dz_i · u_j
@@ -455,21 +442,12 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
             + tl.sum(xa, axis=0)[None, :] - tl.cumsum(xa, axis=0)
     else:
         dg = c[None, :] + tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
-    tl.store(dv_ptr + offv, dv, mask=m)
-    if ATOMIC:
-        tl.atomic_add(dr_ptr + offk, dr, mask=m)
-        tl.atomic_add(dk_ptr + offk, dk, mask=m)
-        tl.atomic_add(dw_ptr + offk, dg, mask=m)
-        if DPLR:
-            tl.atomic_add(da_ptr + offk, da, mask=m)
-            tl.atomic_add(db_ptr + offk, db, mask=m)
-    else:
-        tl.store(dr_ptr + offk, dr, mask=m)
-        tl.store(dk_ptr + offk, dk, mask=m)
-        tl.store(dw_ptr + offk, dg, mask=m)
-        if DPLR:
-            tl.store(da_ptr + offk, da, mask=m)
-            tl.store(db_ptr + offk, db, mask=m)
+    tl.store(dr_ptr + offk, dr.to(dr_ptr.dtype.element_ty), mask=m)
+    tl.store(dk_ptr + offk, dk.to(dk_ptr.dtype.element_ty), mask=m)
+    tl.store(dw_ptr + offk, dg.to(dw_ptr.dtype.element_ty), mask=m)
+    if DPLR:
+        tl.store(da_ptr + offk, da.to(da_ptr.dtype.element_ty), mask=m)
+        tl.store(db_ptr + offk, db.to(db_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -502,11 +480,13 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
         tl.store(y_ptr + row * V + cv, y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + soff, S)
 
-# Launch configuration, from H100 sweeps at q7b-L4k (B4 T4096 H28 N128): chunk C = 16 (its
-# mid-referenced factors stay within e^±40 for log w ≥ −5), V blocks of 64, 4 warps for the
-# sequential passes (latency-bound: more warps were slower), 8 for the parallel kernels (fewer
-# register spills). 32-row chunks were slower at every setting tried.
-_C, _BV, _BV_STEP = 16, 64, 32
+# Launch configuration, from H100 timings at q7b-L4k (B4 T4096 H28 N128): chunk C = 16 (its
+# mid-referenced factors stay within e^±40 for log w ≥ −5); the sequential passes take V blocks of
+# 64 with 4 warps (8 warps: 1.4× slower forward despite fewer register spills; V blocks of 32:
+# 2.7× slower); _grad_kernel takes 32 key channels × the whole V row with 8 warps (V blocks of 64
+# adding atomic partial sums: 1.15× (RWKV7) and 1.35× (RWKV6) slower forward+backward). 32-row
+# chunks were slower at every setting tried.
+_C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR = 4, 8
 
 
@@ -516,66 +496,66 @@ def _prec(x):
     return "tf32" if x.is_cuda and x.dtype != torch.float32 else "ieee"
 
 
-def _fwd(r, w, k, v, a, b, s0, scale):
-    """Forward launches. Returns y (r's dtype), S_T (fp32) and the chunk states st (B, H, NT + 1,
-    N, N) fp32, st[:, :, n] = S₀ of chunk n, st[:, :, NT] = S_T."""
+def _fwd(r, w, k, v, a, b, s0, scale, store):
+    """Forward launch. Returns y (r's dtype), S_T (fp32) and, when store, the chunk states st
+    (B, H, NT + 1, N, N) fp32, st[:, :, n] = S₀ of chunk n, st[:, :, NT] = S_T, and (RWKV7) u
+    (B, T, H, N) fp32 (else None)."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
     NT, bv = triton.cdiv(T, _C), min(N, _BV)
-    st = torch.empty(B, H, NT + 1, N, N, device=r.device, dtype=torch.float32)
+    f32 = dict(device=r.device, dtype=torch.float32)
+    sT = torch.empty(B, H, N, N, **f32)
+    st = torch.empty(B, H, NT + 1, N, N, **f32) if store else None
+    u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
-    _state_kernel[(N // bv, B * H)](r, w, k, v, a, b, st if s0 is None else s0, st, T, H=H, K=N, V=N, C=_C,
-                                    BV=bv, DPLR=dplr, HAS_S0=s0 is not None, PREC=_prec(r),
-                                    num_warps=_WARPS_SEQ)
-    _out_kernel[(NT, N // bv, B * H)](r, w, k, v, a, b, st, y, T, scale, H=H, K=N, V=N, C=_C, BV=bv,
-                                      DPLR=dplr, PREC=_prec(r), num_warps=_WARPS_PAR)
-    return y, st[:, :, NT].clone(), st
+    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, sT if s0 is None else s0, sT if st is None else st, sT, y,
+                                  y if u is None else u, T, scale, H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr,
+                                  HAS_S0=s0 is not None, STORE=store, PREC=_prec(r), num_warps=_WARPS_SEQ)
+    return y, sT, st, u
 
 
-def _bwd(r, w, k, v, a, b, st, dy, dsT, scale):
-    """Backward launches. Returns fp32 dr, dw, dk, dv, da, db (None for RWKV6) and dS_0."""
+def _bwd(r, w, k, v, a, b, st, u, dy, dsT, scale):
+    """Backward launches. Returns dr, dw, dk, dv, da, db (the inputs' dtypes; None for RWKV6) and
+    dS_0 (fp32)."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)
-    NT, bv = triton.cdiv(T, _C), min(N, _BV)
+    NT, bv, bk = triton.cdiv(T, _C), min(N, _BV), min(N, _BK)
     f32 = dict(device=r.device, dtype=torch.float32)
     dst = torch.empty(B, H, NT, N, N, **f32)            # ∂L/∂S at every chunk end
     ds0 = torch.empty(B, H, N, N, **f32)
-    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, dy, ds0 if dsT is None else dsT, dst, ds0, T, scale,
+    dv = torch.empty_like(v)
+    dz = torch.empty(B, T, H, N, **f32) if dplr else dv
+    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T, scale,
                                      H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr, HAS_DST=dsT is not None,
                                      PREC=_prec(r), num_warps=_WARPS_SEQ)
-    # V blocks add partial K-side gradients: zero-initialised, atomic adds (two blocks at N = 128:
-    # x + y from 0 is order-independent, so the result stays deterministic)
-    alloc = torch.zeros if N > bv else torch.empty
-    dr, dw, dk = (alloc(B, T, H, N, **f32) for _ in range(3))
-    dv = torch.empty(B, T, H, N, **f32)
-    da, db = (alloc(B, T, H, N, **f32) for _ in range(2)) if dplr else (dr, dr)
-    _grad_kernel[(NT, N // bv, B * H)](r, w, k, v, a, b, st, dst, dy, dr, dw, dk, dv, da, db, T, scale,
-                                       H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr, ATOMIC=N > bv, PREC=_prec(r),
-                                       num_warps=_WARPS_PAR)
+    dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
+    da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
+    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz,
+                                       dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, DPLR=dplr,
+                                       PREC=_prec(r), num_warps=_WARPS_PAR)
     return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
 
 
 class _TritonAttn(torch.autograd.Function):
     """(r, log_w, k, v, a, b, S_0, scale) -> (y, S_T) through the chunked kernels; a = b = None
-    for RWKV6, S_0 = None for zeros. Saves the inputs and the fp32 chunk states (S_T last)."""
+    for RWKV6, S_0 = None for zeros. Saves the inputs, the fp32 chunk states and (RWKV7) u."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, scale):
         ctx.set_materialize_grads(False)                  # an unused y or S_T costs nothing
-        y, sT, st = _fwd(r, w, k, v, a, b, s0, scale)
-        ctx.save_for_backward(r, w, k, v, a, b, st)
+        y, sT, st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
+        ctx.save_for_backward(r, w, k, v, a, b, st, u)
         ctx.scale, ctx.has_s0 = scale, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, st = ctx.saved_tensors
+        r, w, k, v, a, b, st, u = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
-        grads = _bwd(r, w, k, v, a, b, st, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
-        cast = [g if g is None else g.to(x.dtype) for g, x in zip(grads[:6], (r, w, k, v, a, b))]
-        return (*cast, grads[6] if ctx.has_s0 else None, None)
+        grads = _bwd(r, w, k, v, a, b, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
+        return (*grads[:6], grads[6] if ctx.has_s0 else None, None)
 
 
 def _launch_step(r, w, k, v, a, b, S, scale):
@@ -611,6 +591,8 @@ def _triton(r, log_w, k, v, a, b, state, scale):
             S = S.float().contiguous()
         return _launch_step(*xs, S, scale)
     s0 = None if state is None else state.float().contiguous()
+    if not grad:                                        # nothing to save: no chunk states stored
+        return _fwd(*xs, s0, scale, store=False)[:2]
     return _TritonAttn.apply(*xs, s0, scale)
 
 
