@@ -97,8 +97,20 @@ def _packages(src: str) -> set[str]:
             for n in _imports(ast.parse(src)) for a in n.names} - {None}
 
 
-def _local(name: str) -> bool:
-    return name is not None and (REPO / f"{name}.py").is_file()
+def _local(node) -> str | None:
+    """The project module an import names, dotted when it lives in a folder (a fork's mixer:
+    examples.linear_attention); None for anything else."""
+    name = (None if node.level else node.module) if isinstance(node, ast.ImportFrom) else node.names[0].name
+    return name if name and _source(name).is_file() else None
+
+
+def _source(mod: str) -> Path:
+    return REPO / (mod.replace(".", "/") + ".py")
+
+
+def _shipped(mod: str) -> str:
+    """The file's name in the export: transformers copies one flat folder."""
+    return SHIPPED_PREFIX + mod.replace(".", "_")
 
 
 def _is_cli(node) -> bool:
@@ -125,22 +137,22 @@ def ship_source(name: str, src: str) -> tuple[str, dict[str, set[str]]]:
     in_cli = lambda node: any(c.lineno <= node.lineno <= c.end_lineno for c in cli)  # noqa: E731
     needs: dict[str, set[str]] = {}
     for node in _imports(tree):
-        mod = _top_module(node)
+        mod, local = _top_module(node), _local(node)
         a, b = pos(node.lineno, node.col_offset), pos(node.end_lineno, node.end_col_offset)
         if in_cli(node):
             continue
-        if _local(mod) and isinstance(node, ast.ImportFrom):
-            needs.setdefault(mod, set()).update(n.name for n in node.names)
+        if local and isinstance(node, ast.ImportFrom):
+            needs.setdefault(local, set()).update(n.name for n in node.names)
             names = ", ".join(n.name + (f" as {n.asname}" if n.asname else "") for n in node.names)
-            edits.append((a, b, f"from .{SHIPPED_PREFIX}{mod} import {names}"))
-        elif _local(mod):
+            edits.append((a, b, f"from .{_shipped(local)} import {names}"))
+        elif local:
             if len(node.names) > 1 or "." in node.names[0].name:
                 raise ExportError(f"{name}.py: cannot ship `{ast.unparse(node)}`; import one project module per line")
             alias = node.names[0].asname or mod
             refs = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
                     and n.value.id == alias and not in_cli(n)]
             needs.setdefault(mod, set()).update(n.attr for n in refs)
-            edits.append((a, b, f"from .{SHIPPED_PREFIX}{mod} import {', '.join(sorted({n.attr for n in refs}))}"))
+            edits.append((a, b, f"from .{_shipped(local)} import {', '.join(sorted({n.attr for n in refs}))}"))
             edits += [(pos(n.lineno, n.col_offset), pos(n.value.end_lineno, n.value.end_col_offset) + 1, "")
                       for n in refs]                                   # "kernels.rwkv7_attn" -> "rwkv7_attn"
         elif mod is not None and mod not in ALLOWED_IMPORTS:
@@ -197,9 +209,9 @@ def remote_code() -> dict[str, str]:
     todo, teacher_names = ["model"], set()
     while todo:
         mod = todo.pop()
-        if f"{SHIPPED_PREFIX}{mod}.py" in files:
+        if f"{_shipped(mod)}.py" in files:
             continue
-        files[f"{SHIPPED_PREFIX}{mod}.py"], needs = ship_source(mod, (REPO / f"{mod}.py").read_text())
+        files[f"{_shipped(mod)}.py"], needs = ship_source(mod, _source(mod).read_text())
         teacher_names |= needs.pop("teacher", set())
         todo += sorted(needs)
     if teacher_names:

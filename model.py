@@ -14,9 +14,13 @@ teacher's q/k/v/o projections (q_proj → r, k_proj → k, v_proj → v, o_proj 
 Recurrences run in kernels.py ([K, V] state layout, fp32). One forward serves training (parallel,
 chunked) and generation (T = 1 with a carried State); forward(a + b) == forward(a), forward(b, state).
 
-A new sequence mixer is one subclass of TimeMix added to MIXERS: __init__(cfg, layer_idx) makes its
-parameters, init_weights() initialises the new ones, init_state(B, device, dtype) declares its
-per-layer state, forward(x, state, ctx) -> (y, new_state). Cross-layer data travels in Ctx.
+A new sequence mixer is one class plus one MIXERS entry (README "How to add an architecture";
+examples/linear_attention.py): __init__(cfg, layer_idx) makes its parameters, init_weights()
+initialises the new ones, forward(x, state, ctx) -> (y, new_state) makes one kernels.py call;
+init_state(B, device, dtype) declares its per-layer state (default: S) and `rope` its RoPE default.
+TimeMix brings the teacher's q/k/v/o, GQA and RoPE. Built-ins subclass it; a mixer in another file
+is written without a base and combined with TimeMix here (class X(Mixer, TimeMix)), so that imports
+run one way, model.py -> that file. Cross-layer data travels in Ctx.
 
     python -m pytest -q test_model.py
     python model.py --variant rwkv7 --out out/rwkv7-init     # student from the default teacher
@@ -34,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kernels
+from examples.linear_attention import LinearAttention
 from teacher import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -70,7 +75,9 @@ class TimeMix(nn.Module):
     A subclass adds its parameters in __init__(cfg, layer_idx) and defines init_weights() (METHOD
     inits of those new parameters) and forward(x (B, T, C), state: dict, ctx: Ctx) -> (y (B, T, C),
     new state dict), one kernels.py call; T = 1 with a carried state is the recurrent step.
-    It overrides init_state when it carries more than S (RWKV6: the last x)."""
+    It overrides init_state when it carries more than S (RWKV6: the last x), and `rope` when RoPE
+    on r and k is its default (StudentConfig.rope = None takes it)."""
+    rope = False
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -112,6 +119,7 @@ class TimeMix(nn.Module):
 
 class RWKV7TimeMix(TimeMix):
     """RAD-RWKV7 (METHOD §3): no token shift, RoPE on r and k, value residual, state balancing."""
+    rope = True
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -201,7 +209,11 @@ class RWKV6TimeMix(TimeMix):
         return self.o_proj(y), {"S": S, "x": x[:, -1].to(state["x"].dtype)}
 
 
-MIXERS = {"rwkv7": RWKV7TimeMix, "rwkv6": RWKV6TimeMix}
+class LinAttTimeMix(LinearAttention, TimeMix):
+    """Plain linear attention, the paper's QLinAtt baseline (examples/linear_attention.py)."""
+
+
+MIXERS = {"rwkv7": RWKV7TimeMix, "rwkv6": RWKV6TimeMix, "linatt": LinAttTimeMix}
 
 
 # ---------------------------------------------------------------- block, config, model
@@ -237,7 +249,7 @@ class StudentConfig:
     attn_bias: bool = False          # qwen2: biases on q, k, v
     qk_norm: bool = False            # qwen3: RMSNorm on r and k per head
     max_seq_len: int = 8192
-    rope: bool | None = None         # RoPE on r, k; default: on for rwkv7, off for rwkv6
+    rope: bool | None = None         # RoPE on r, k; default: the mixer's (rwkv7 on, rwkv6 off)
     rank_decay: int | None = None    # decay / in-context rate / token shift: rank(0.5, 1.8)
     rank_value: int | None = None    # value residual: rank(0.5, 1.3)
     rank_gate: int | None = None     # RWKV7 gate: rank(0.8, 0.6)
@@ -248,7 +260,7 @@ class StudentConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope is None:
-            self.rope = self.variant == "rwkv7"
+            self.rope = MIXERS[self.variant].rope
         C = self.hidden_size
         self.rank_decay = self.rank_decay or lora_rank(C, 0.5, 1.8)
         self.rank_value = self.rank_value or lora_rank(C, 0.5, 1.3)
@@ -326,6 +338,7 @@ class Student(nn.Module):
         RWKV6 M1, D1, gate               0                                      METHOD §4
         RWKV6 M2, D2                     U(−0.01, 0.01)                         METHOD §4
         RWKV6 decay                      −6 + 5(n/(D−1))^(0.7+1.3ℓ/(L−1))       METHOD §4
+        another mixer's parameters       its init_weights() docstring           its file
         """
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -343,7 +356,8 @@ class Student(nn.Module):
         ref = teacher.embed_tokens.weight
         with torch.device("meta"):
             student = cls(cfg)
-        student.to_empty(device=ref.device)
+        # in the teacher's dtype before copying, so that copies stay bit-identical (fp64 teachers too)
+        student.to_empty(device=ref.device).to(ref.dtype)
         for block in student.layers:            # the new parameters; everything else is copied
             block.time_mix.init_weights()
         with torch.no_grad():
@@ -355,7 +369,7 @@ class Student(nn.Module):
                 s.post_attention_layernorm.load_state_dict(t.post_attention_layernorm.state_dict())
                 s.mlp.load_state_dict(t.mlp.state_dict())
                 s.time_mix.copy_from_teacher(t.self_attn)
-        student.to(ref.dtype).init_buffers()
+        student.init_buffers()
         return student
 
     def init_state(self, B: int, device=None, dtype=torch.float32) -> State:
