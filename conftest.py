@@ -165,3 +165,16 @@ def make_gguf_teacher(hf_folder, path, arch=None, **meta) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def perturbed(model, seed=0, std=0.05):
+    """Move every parameter off its init so that a wrong mapping or a skipped term shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model

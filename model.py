@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 from examples.linear_attention import LinearAttention
-from teacher import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from teacher import MLP, Attention, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def lora_rank(C: int, e: float, m: float) -> int:
@@ -68,9 +68,10 @@ class Ctx:
 
 # ---------------------------------------------------------------- time-mix blocks (METHOD §2–§4)
 
-class TimeMix(nn.Module):
-    """What every mixer shares: the teacher's projections (HF names, so copies are by name), the
-    optional q/k norms, RoPE, GQA head repetition, and an fp32 state S (B, H, N, N) per layer.
+class TimeMix(Attention):
+    """What every mixer shares, inherited from the teacher's Attention: its projections under the
+    teacher's names (so copies are by name), the optional q/k norms and project(); added here: RoPE
+    from the Ctx, GQA head repetition, and an fp32 state S (B, H, N, N) per layer.
 
     A subclass adds its parameters in __init__(cfg, layer_idx) and defines init_weights() (METHOD
     inits of those new parameters) and forward(x (B, T, C), state: dict, ctx: Ctx) -> (y (B, T, C),
@@ -80,17 +81,9 @@ class TimeMix(nn.Module):
     rope = False
 
     def __init__(self, cfg, layer_idx: int):
-        super().__init__()
-        C, H, Hkv, N = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        super().__init__(cfg)                   # q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm)
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.H, self.Hkv, self.N, self.D = H, Hkv, N, H * N   # D: time-mix width (full, per query head)
-        self.q_proj = nn.Linear(C, H * N, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(C, Hkv * N, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(C, Hkv * N, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(H * N, C, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(N, cfg.rms_eps)
-            self.k_norm = RMSNorm(N, cfg.rms_eps)
+        self.D = self.H * self.N                # time-mix width: full, one state per query head
 
     @torch.no_grad()
     def copy_from_teacher(self, attn: nn.Module):
@@ -103,14 +96,9 @@ class TimeMix(nn.Module):
         return {"S": torch.zeros(B, self.H, self.N, self.N, device=device, dtype=dtype)}  # [K, V]
 
     def rkv(self, x_r, x_k, x_v, ctx: Ctx):
-        """r, k, v (B, T, H, N): projections, q/k norms (qwen3), RoPE, then each kv head repeated
-        G = H/Hkv times so query head i reads kv head i // G (METHOD §2)."""
-        B, T, _ = x_r.shape
-        r = self.q_proj(x_r).view(B, T, self.H, self.N)
-        k = self.k_proj(x_k).view(B, T, self.Hkv, self.N)
-        v = self.v_proj(x_v).view(B, T, self.Hkv, self.N)
-        if self.cfg.qk_norm:
-            r, k = self.q_norm(r), self.k_norm(k)
+        """r, k, v (B, T, H, N): the teacher's projections and q/k norms, RoPE, then each kv head
+        repeated G = H/Hkv times so query head i reads kv head i // G (METHOD §2)."""
+        r, k, v = self.project(x_r, x_k, x_v)
         if ctx.cos is not None:
             r, k = apply_rope(r, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         G = self.H // self.Hkv

@@ -96,11 +96,7 @@ class TeacherDecoder:
         p = self.pos
         if p + T > self.k[i].shape[2]:
             raise ValueError(f"KV cache holds {self.k[i].shape[2]} tokens; {p + T} needed (raise max_len)")
-        q = attn.q_proj(x).view(B, T, attn.H, attn.N)
-        k = attn.k_proj(x).view(B, T, attn.Hkv, attn.N)
-        v = attn.v_proj(x).view(B, T, attn.Hkv, attn.N)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = attn.project(x, x, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.k[i][:, :, p:p + T] = k.transpose(1, 2)
         self.v[i][:, :, p:p + T] = v.transpose(1, 2)

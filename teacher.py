@@ -124,13 +124,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(N, cfg.rms_eps)
             self.k_norm = RMSNorm(N, cfg.rms_eps)
 
-    def forward(self, x, cos, sin):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.N)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.N)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.N)
+    def project(self, x_q, x_k, x_v):
+        """q (B, T, H, N), k and v (B, T, Hkv, N) before RoPE, q/k normed when the teacher has it.
+        Separate inputs because RAD-RWKV6's token shift feeds each projection its own mix of x."""
+        B, T, _ = x_q.shape
+        q = self.q_proj(x_q).view(B, T, self.H, self.N)
+        k = self.k_proj(x_k).view(B, T, self.Hkv, self.N)
+        v = self.v_proj(x_v).view(B, T, self.Hkv, self.N)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, x, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.H != self.Hkv)

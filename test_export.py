@@ -20,24 +20,12 @@ from transformers.dynamic_module_utils import get_imports  # noqa: E402
 import export  # noqa: E402
 import sample  # noqa: E402
 import teacher as teacher_lib  # noqa: E402
-from conftest import make_hf_teacher  # noqa: E402
+from conftest import make_hf_teacher, perturbed, rel_err  # noqa: E402
 from export import ExportConfig, ExportError  # noqa: E402
 from model import Student, StudentConfig  # noqa: E402
 
 MIXED = "Hello, world! Café naïve 🙂 日本語 def f(x):\n\treturn x ** 2  # 12345 <|im_end|>"
 ALLOWED = {"torch", "safetensors", "numpy", "transformers", "__future__"} | set(sys.stdlib_module_names)
-
-
-def rel_err(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def perturbed(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def hf_load(folder, **kw):

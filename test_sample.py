@@ -14,22 +14,9 @@ import torch
 
 import sample
 import teacher as teacher_lib
-from conftest import make_hf_teacher, tiny_teacher_config
+from conftest import make_hf_teacher, perturbed, rel_err, tiny_teacher_config
 from model import State, Student
 from sample import SampleConfig, StudentDecoder, TeacherDecoder
-
-
-def rel_err(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def perturbed(model, seed=0, std=0.05):
-    """Move every parameter off its init so that a wrong mapping or a skipped term shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def tiny_teacher(arch="llama", seed=0):
