@@ -335,7 +335,7 @@ def run(cfg: SampleConfig):
     answers, unfed = {}, {}
     for name, dec in runs:
         if len(runs) > 1:
-            print(f"\n--- {name} ({cfg.ckpt if name == 'student' else tok.name}) ---")
+            print(f"\n--- {name} ({cfg.ckpt if name == 'student' else teacher_tok.name}) ---")
         t0 = time.perf_counter()
         stream = Streamer(tok)
         new, rest = generate(dec, prompt, cfg, tok.eos_id, stream)
