@@ -65,6 +65,12 @@ SHAPES = {  # --bench shapes with random weights
     "q3b": TeacherConfig(arch="qwen2", vocab_size=151936, hidden_size=2048, n_layers=36, n_heads=16,
                          n_kv_heads=2, head_dim=128, intermediate_size=11008, rope_theta=1e6,
                          attn_bias=True, tie_embeddings=True),
+    "q7b": TeacherConfig(arch="qwen2", vocab_size=152064, hidden_size=3584, n_layers=28, n_heads=28,
+                         n_kv_heads=4, head_dim=128, intermediate_size=18944, rope_theta=1e6,
+                         attn_bias=True, tie_embeddings=False),
+    "q32b": TeacherConfig(arch="qwen2", vocab_size=152064, hidden_size=5120, n_layers=64, n_heads=40,
+                          n_kv_heads=8, head_dim=128, intermediate_size=27648, rope_theta=1e6,
+                          attn_bias=True, tie_embeddings=False),
     "tiny": TeacherConfig(vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
                           head_dim=16, intermediate_size=128),
 }
@@ -95,13 +101,16 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="HF folder or .gguf (default: the embedded SmolLM2-135M)")
     p.add_argument("--data", help=f"token files from data.py (default: {data_lib.DEFAULT_DIR})")
     p.add_argument("--out", default="out", help="run folder: stepN/{student,ckpt,log.jsonl}")
-    p.add_argument("--init", help="student folder to start from instead of the previous step's")
+    p.add_argument("--init", help="student folder to start from instead of the previous step's; 'teacher': "
+                   "the teacher-initialised student (METHOD §4), i.e. skip the earlier steps (an ablation)")
     p.add_argument("--variant", default="rwkv7", choices=sorted(MIXERS), help="student mixer (model.MIXERS)")
     p.add_argument("--tokens", type=positive(float), help="training tokens (default: scaled to the teacher)")
     p.add_argument("--ctx", type=positive(int), help="tokens per sequence")
     p.add_argument("--batch", type=positive(int), help="sequences per optimizer step, over all GPUs")
     p.add_argument("--micro-batch", type=positive(int), help="sequences per forward on one device")
     p.add_argument("--lr", type=positive(float), help="peak learning rate")
+    p.add_argument("--freeze-mlp", action="store_true",
+                   help="steps 2, 3: train only the time-mix and norms; MLPs, embeddings, lm_head stay as they are (ablation)")
     p.add_argument("--eval-every", type=positive(int), default=500, help="steps between eval + checkpoint")
     p.add_argument("--eval-windows", type=positive(int), help="held-out windows of ctx tokens (64; CPU demo 16)")
     p.add_argument("--resume", action="store_true", help="continue from --out/stepN/ckpt")
@@ -169,7 +178,9 @@ def on_rank0(fn):
 def student_init(args, step, src, teacher):
     """(StudentConfig, full student state dict) on rank 0: from the teacher for step 1, else the
     previous step's folder src (or --init)."""
-    if step == 1 and not args.init:
+    if step == 1 and not args.init or args.init == "teacher":
+        if teacher is None:
+            raise Fail("--init teacher needs the teacher, which step 3 does not load: pass a student folder")
         torch.manual_seed(args.seed)
         s = Student.from_teacher(teacher, args.variant)
     else:
@@ -276,16 +287,21 @@ def recomputed(forward):
     return lambda *args: checkpoint(forward, *args, use_reentrant=False)
 
 
-def shard_student(scfg, sd, step, device, mp, ckpt_act, compile_):
+def shard_student(scfg, sd, step, device, mp, ckpt_act, compile_, freeze_mlp=False):
     """The student inside its Distill root: build on meta, requires_grad, activation checkpointing,
     compile, fully_shard bottom-up, to_empty, load (FSDP2.md "The order that works")."""
     with torch.device("meta"):
         model = Distill(Student(scfg))
     s = model.student
+    # what trains is set before fully_shard, which copies requires_grad into the sharded parameters
     s.requires_grad_(step != 1)
+    if freeze_mlp:
+        for m in [s.embed_tokens, s.lm_head, *(blk.mlp for blk in s.layers)]:
+            m.requires_grad_(False)
     units = [blk.time_mix for blk in s.layers] if step == 1 else list(s.layers)  # what forward calls
     for u in units:
-        u.requires_grad_(True)
+        if step == 1:
+            u.requires_grad_(True)
         if ckpt_act:  # an instance attribute, not a wrapper module: parameter names stay the same
             u.forward = recomputed(u.forward)
         if compile_:
@@ -527,14 +543,14 @@ def run_step(args, step, rank, world, device):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                               cast_forward_inputs=False) if cuda else MixedPrecisionPolicy()
     teacher = shard_teacher(tcfg, tsd, device, mp) if tcfg else None
-    model = shard_student(scfg, ssd, step, device, mp, run.ckpt_act, cuda and not args.no_compile)
+    model = shard_student(scfg, ssd, step, device, mp, run.ckpt_act, cuda and not args.no_compile, args.freeze_mlp)
     del tsd, ssd, big  # rank 0's full copies
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     if args.bench:
         return bench(args, run, model, teacher, opt, tcfg or SHAPES[args.shape], scfg, device)
     meta = dict(step_kind=step, total=run.total, batch=run.batch, ctx=run.ctx, lr=run.lr, seed=args.seed,
-                variant=scfg.variant)
+                variant=scfg.variant, freeze_mlp=args.freeze_mlp)
     start = load_ckpt(out / "ckpt", model, opt, meta) if args.resume else 0
     first, last, s = train(args, run, model, teacher, opt, params, batches, val, out, meta, start, device)
     if s == run.total:

@@ -191,6 +191,20 @@ def test_step3_loads_no_teacher(env, three_steps, tmp_path):
     assert len(losses(tmp_path, 3)) == 2 and (tmp_path / "step3" / "student" / "tokenizer.json").is_file()
 
 
+def test_init_teacher_freeze_mlp(env, tmp_path):
+    """The two ablation flags: step 2 from the teacher-initialised student (no step 1) with MLPs,
+    embeddings and lm_head frozen. Against a fresh Student.from_teacher: those stay bit-identical,
+    every time-mix tensor and norm moves."""
+    run(env, tmp_path, "--step", "2", "--init", "teacher", "--freeze-mlp", "--tokens", str(3 * 4 * 32),
+        "--lr", "1e-3", "--eval-every", "1000")
+    torch.manual_seed(0)
+    init = Student.from_teacher(teacher_lib.load_teacher(env / "teacher")[0], "rwkv7").state_dict()
+    after = Student.load(tmp_path / "step2" / "student").state_dict()
+    moved = {k for k in init if not torch.equal(init[k], after[k])}
+    trained = {k for k in init if ".time_mix." in k or "norm" in k}
+    assert moved == trained, (sorted(moved - trained), sorted(trained - moved))
+
+
 # ---------------------------------------------------------------- against independent references
 
 def test_step2_matches_plain_pytorch(env, three_steps, tmp_path):
