@@ -553,11 +553,12 @@ def main(argv=None):
         sys.exit(2)
     dt, s = time.perf_counter() - t0, meta["splits"]
     n = s["train"]["tokens"] + s["val"]["tokens"]
-    rate = meta["generated"]["tokens_per_s"] if a.generate else n / dt
+    rate = "" if a.merge else f", {meta['generated']['tokens_per_s'] if a.generate else n / dt:,.0f} tokens/s"
     print(f"{source} -> {out}: train {s['train']['tokens']:,} tokens ({s['train']['documents']} docs), "
-          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), {meta['dtype']}, {rate:,.0f} tokens/s")
+          f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), {meta['dtype']}{rate}")
     if not a.generate:
-        print("held out:", ", ".join(s["val"]["names"]))
+        names = s["val"]["names"]
+        print("held out:", ", ".join(names[:10]) + (f" and {s['val']['documents'] - 10} more" if len(names) > 10 else ""))
 
 
 def _count(text: str) -> int:

@@ -48,12 +48,13 @@ def main(argv=None):
         sys.exit(f"error: no stepN/log.jsonl under {', '.join(map(str, a.runs))}; pass distill.py --out folders")
     fig, axes = plt.subplots(1, len(steps), figsize=(5 * len(steps), 3.8), squeeze=False)
     for ax, step in zip(axes[0], steps):
-        for run in a.runs:
+        for i, run in enumerate(a.runs):  # one colour per run in every panel
             log = run / f"step{step}" / "log.jsonl"
             if not log.exists():
                 continue
             train, evals = read_log(log)
-            line, = ax.plot([t / 1e6 for t, _ in train], smooth([y for _, y in train]), lw=1, label=f"{run.name} train")
+            line, = ax.plot([t / 1e6 for t, _ in train], smooth([y for _, y in train]), lw=1, color=f"C{i}",
+                            label=f"{run.name} train")
             key = EVAL_KEY[step]
             pts = [(t / 1e6, e[key]) for t, e in evals if key in e]
             if pts and step != 3:  # same quantity as the training loss: same axis
@@ -65,7 +66,8 @@ def main(argv=None):
         ax.set_title(f"step {step}")
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel(LOSS_NAME[step])
-        ax.set_yscale("log")
+        if step != 3:  # losses falling by orders of magnitude; step 3's CE moves by a few %
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
