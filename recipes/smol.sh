@@ -7,7 +7,7 @@
 #
 # Environment: TEACHER (a .gguf or HF folder; default: the embedded one), RUNS (default runs/smol),
 # token budgets GEN, S1, S2, S3 (main run) and A1, A2 (ablations), FLAGS (extra distill.py flags,
-# e.g. --no-compile). Pick the GPU with CUDA_VISIBLE_DEVICES. Every run evaluates the student on
+# e.g. --compile). Pick the GPU with CUDA_VISIBLE_DEVICES. Every run evaluates the student on
 # both held-out sets (Shakespeare and teacher-generated) with evaluate.py into RUNS/NAME/eval.json.
 set -euo pipefail
 TEACHER=${TEACHER:-$(python3 -c "import teacher; print(teacher.default_teacher_path())")}
