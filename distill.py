@@ -119,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU)")
     p.add_argument("--no-ckpt-act", action="store_true", help="no activation checkpointing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels (slower): repeated runs, and 1 vs N GPUs, comparable bit for bit")
     p.add_argument("--bench", action="store_true", help="time random-weight steps, print tokens/s, MFU")
     p.add_argument("--shape", default="smol", choices=sorted(SHAPES), help="--bench model shape")
     p.add_argument("--bench-steps", type=positive(int), default=8)
@@ -679,6 +681,9 @@ def bench(args, run, model, teacher, opt, tcfg, scfg, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.deterministic:  # cuBLAS needs its workspace fixed before the first matmul; warn on ops without
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a deterministic kernel, don't stop
+        torch.use_deterministic_algorithms(True, warn_only=True)
     rank, world, device = init_dist()
     try:
         for step in [args.step] if args.step else [1, 2, 3]:

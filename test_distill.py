@@ -257,6 +257,17 @@ def test_two_ranks_equal_one(env, tmp_path):
         assert e2["ppl_student"] == pytest.approx(e1["ppl_student"], rel=1e-5)
 
 
+def test_deterministic_flag_changes_nothing_on_cpu(env, tmp_path):
+    """--deterministic (for bit-exact GPU comparisons) runs and, on a CPU, gives the same losses."""
+    base = ("--step", "1", "--tokens", str(3 * 4 * 32))
+    run(env, tmp_path / "a", *base)
+    try:
+        run(env, tmp_path / "b", *base, "--deterministic")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert losses(tmp_path / "b", 1) == losses(tmp_path / "a", 1)
+
+
 def test_resume_is_bit_for_bit(env, tmp_path):
     """6 updates in one go == 3 updates, a stop (and the leftovers of a crash mid-save), --resume."""
     base = ("--step", "1", "--tokens", str(6 * 4 * 32), "--eval-every", "3")
