@@ -558,7 +558,8 @@ def main(argv=None):
           f"val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs), {meta['dtype']}{rate}")
     if not a.generate:
         names = s["val"]["names"]
-        print("held out:", ", ".join(names[:10]) + (f" and {s['val']['documents'] - 10} more" if len(names) > 10 else ""))
+        more = f" and {s['val']['documents'] - 10} more" if len(names) > 10 else ""
+        print("held out:", ", ".join(names[:10]) + more)
 
 
 def _count(text: str) -> int:

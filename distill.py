@@ -109,8 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive(int), help="sequences per optimizer step, over all GPUs")
     p.add_argument("--micro-batch", type=positive(int), help="sequences per forward on one device")
     p.add_argument("--lr", type=positive(float), help="peak learning rate")
-    p.add_argument("--freeze-mlp", action="store_true",
-                   help="steps 2, 3: train only the time-mix and norms; MLPs, embeddings, lm_head stay as they are (ablation)")
+    p.add_argument("--freeze-mlp", action="store_true", help="steps 2, 3: train only the time-mix and norms; "
+                   "MLPs, embeddings and lm_head stay as they are (an ablation)")
     p.add_argument("--eval-every", type=positive(int), default=500, help="steps between eval + checkpoint")
     p.add_argument("--eval-windows", type=positive(int), help="held-out windows of ctx tokens (64; CPU demo 16)")
     p.add_argument("--resume", action="store_true", help="continue from --out/stepN/ckpt")
@@ -181,7 +181,7 @@ def on_rank0(fn):
 def student_init(args, step, src, teacher):
     """(StudentConfig, full student state dict) on rank 0: from the teacher for step 1, else the
     previous step's folder src (or --init)."""
-    if step == 1 and not args.init or args.init == "teacher":
+    if (step == 1 and not args.init) or args.init == "teacher":
         if teacher is None:
             raise Fail("--init teacher needs the teacher, which step 3 does not load: pass a student folder")
         torch.manual_seed(args.seed)
@@ -553,7 +553,7 @@ def run_step(args, step, rank, world, device):
     if args.bench:
         return bench(args, run, model, teacher, opt, tcfg or SHAPES[args.shape], scfg, device)
     meta = dict(step_kind=step, total=run.total, batch=run.batch, ctx=run.ctx, lr=run.lr, seed=args.seed,
-                variant=scfg.variant, freeze_mlp=args.freeze_mlp)
+                variant=scfg.variant, **({"freeze_mlp": True} if args.freeze_mlp else {}))  # older ckpts resume
     start = load_ckpt(out / "ckpt", model, opt, meta) if args.resume else 0
     first, last, s = train(args, run, model, teacher, opt, params, batches, val, out, meta, start, device)
     if s == run.total:
