@@ -344,15 +344,11 @@ def generation_seeds(tok) -> list[list[int]]:
 @torch.no_grad()
 def _sample_documents(model, seed_ids, rows, doc_len, vocab, gen, bar):
     """rows documents continuing seed_ids by doc_len tokens drawn from softmax(logits) (temperature 1,
-    ids < vocab); (rows, doc_len) int64. The seed runs once; its KV cache is copied to every row."""
+    ids < vocab); (rows, doc_len) int64. Every row reads the seed (a few tokens: cheap)."""
     from sample import TeacherDecoder   # imported here: sample.py imports model/export
     device = model.embed_tokens.weight.device
-    one = TeacherDecoder(model, 1, len(seed_ids))
-    logits = one(torch.tensor([seed_ids], device=device))[:, -1].expand(rows, -1)
     dec = TeacherDecoder(model, rows, len(seed_ids) + doc_len)
-    for full, first in zip(dec.k + dec.v, one.k + one.v):
-        full[:, :, :one.pos] = first
-    dec.pos = one.pos
+    logits = dec(torch.tensor([seed_ids], device=device).expand(rows, -1))[:, -1]
     out = torch.empty(rows, doc_len, dtype=torch.long, device=device)
     for i in range(doc_len):
         probs = logits[:, :vocab].float().softmax(-1)   # model rows past the tokenizer's vocabulary: never
