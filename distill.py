@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data as data_lib
+import kernels
 from export import tokenizer_files
 import teacher as teacher_lib
 from model import MIXERS, Student
@@ -118,6 +119,9 @@ def parse_args(argv=None):
     # off by default: on H100/H200 it was slower at every shape timed (README) and failed at step 1
     p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU)")
     p.add_argument("--no-ckpt-act", action="store_true", help="no activation checkpointing")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="kernels.py backend of every time-mix (auto: triton on CUDA, torch elsewhere); "
+                   "rerun with torch to check the Triton kernels on a real run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (slower): repeated runs, and 1 vs N GPUs, comparable bit for bit")
@@ -686,6 +690,9 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True, warn_only=True)
     rank, world, device = init_dist()
     try:
+        if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Fail("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
+        kernels.AUTO = args.backend
         for step in [args.step] if args.step else [1, 2, 3]:
             try:
                 run_step(args, step, rank, world, device)

@@ -600,6 +600,8 @@ def _triton(r, log_w, k, v, a, b, state, scale):
 # 4. Public entry points
 # ---------------------------------------------------------------------------------------------
 BACKENDS = ("auto", "naive", "torch", "triton")
+AUTO = "auto"   # what backend="auto" resolves to; "auto" picks per call (_attn). distill.py --backend pins
+                # it for a whole run, so that one run can be repeated on another backend and compared
 
 
 def _check(fn, tensors, state, backend):
@@ -626,6 +628,8 @@ def _attn(variant, r, log_w, k, v, a, b, state, scale, backend):
     named = dict(r=r, log_w=log_w, k=k, v=v) | ({} if a is None else dict(a=a, b=b))
     _check(fn, named, state, backend)
     B, T, H, N = r.shape
+    if backend == "auto":
+        backend = AUTO
     if backend == "auto":
         tensors = [*named.values()] + ([] if state is None else [state])
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)

@@ -291,6 +291,13 @@ def test_missing_previous_step_cli(env, tmp_path):
     assert "--step 1" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_triton_backend_without_gpu(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = fails(capsys, *flags(env, tmp_path, "--step", "1", "--backend", "triton"))
+    assert "CUDA" in err and "--backend torch" in err
+
+
 def test_shape_and_tokenizer_mismatch(env, three_steps, tmp_path, capsys):
     wide = tiny_hf_teacher(tmp_path / "wide", hidden_size=48)            # same tokenizer, other shape
     init = str(three_steps[0] / "step1" / "student")
