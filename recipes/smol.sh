@@ -2,13 +2,14 @@
 # Convert the default teacher (SmolLM2-135M-Instruct) on a GPU and measure the result (README "Results").
 #
 #   bash recipes/smol.sh data GPU_A GPU_B      # teacher-generated text (half on each GPU) + Shakespeare
-#   bash recipes/smol.sh main                  # RAD-RWKV7 steps 1, 2, 3, evaluation, three chats
+#   bash recipes/smol.sh main [NAME]           # steps 1, 2, 3 (VARIANT=rwkv7|rwkv6), evaluation, three chats
 #   bash recipes/smol.sh ablation NAME         # one short run of the ablation table (names below)
 #
 # Environment: TEACHER (a .gguf or HF folder; default: the embedded one), RUNS (default runs/smol),
-# token budgets GEN, S1, S2, S3 (main run) and A1, A2 (ablations), FLAGS (extra distill.py flags,
-# e.g. --compile). Pick the GPU with CUDA_VISIBLE_DEVICES. Every run evaluates the student on
-# both held-out sets (Shakespeare and teacher-generated) with evaluate.py into RUNS/NAME/eval.json.
+# token budgets GEN, S1, S2, S3 (main run) and A1, A2 (ablations), VARIANT (the main run's mixer,
+# rwkv7 by default), FLAGS (extra distill.py flags, e.g. --compile). Pick the GPU with
+# CUDA_VISIBLE_DEVICES. Every run evaluates the student on both held-out sets (Shakespeare and
+# teacher-generated) with evaluate.py into RUNS/NAME/eval_stepN.json.
 set -euo pipefail
 TEACHER=${TEACHER:-$(python3 -c "import teacher; print(teacher.default_teacher_path())")}
 RUNS=${RUNS:-runs/smol}
@@ -43,16 +44,17 @@ data)  # the two halves sample with other seeds on two GPUs, then one folder eac
   python3 data.py --merge "$D/default" "$D/gen" --out "$D/both"
   ;;
 main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teacher's window is 8192)
-  distill main 1 "$D/both" "${S1:-2e6}"
-  distill main 2 "$D/both" "${S2:-6e6}" "${STEP2[@]}"
-  distill main 3 "$D/both" "${S3:-1e6}" --ctx 4096 --batch 8 --micro-batch 4 "${STEP2[@]}"
-  evaluate main 2
-  evaluate main 3
+  name=${2:-main}
+  distill "$name" 1 "$D/both" "${S1:-2e6}" --variant "${VARIANT:-rwkv7}"
+  distill "$name" 2 "$D/both" "${S2:-6e6}" "${STEP2[@]}"
+  distill "$name" 3 "$D/both" "${S3:-1e6}" --ctx 4096 --batch 8 --micro-batch 4 "${STEP2[@]}"
+  evaluate "$name" 2
+  evaluate "$name" 3
   for p in "What is the capital of France?" "Write a short poem about the sea." \
            "Give me three tips for staying focused while studying."; do
-    python3 sample.py --ckpt "$RUNS/main/step3/student" --teacher "$TEACHER" --compare --chat --prompt "$p" \
+    python3 sample.py --ckpt "$RUNS/$name/step3/student" --teacher "$TEACHER" --compare --chat --prompt "$p" \
       --max-new-tokens 96
-  done > "$RUNS/main/chats.txt"
+  done > "$RUNS/$name/chats.txt"
   ;;
 ablation)  # everything as in `base` except one thing
   name=${2:?ablation name: base skip1 freeze rwkv6 shakespeare generated}
