@@ -406,7 +406,7 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
     offk = row[:, None] * K + ck[None, :]
     offv = row[:, None] * V + cv[None, :]
     v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-    dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)   # dŶ (cast: see _dstate_kernel)
+    dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)   # dŶ (see _dstate_kernel)
     S0 = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + kv)
     dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv)
     SC = tl.load(st_ptr + (ibh * (NT + 1) + it + 1) * K * V + kv)
