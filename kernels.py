@@ -481,14 +481,14 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
         tl.store(y_ptr + row * V + cv, y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + soff, S)
 
-# Launch configuration, from H100 timings at q7b-L4k (B4 T4096 H28 N128): chunk C = 16 (its
-# mid-referenced factors stay within e^±40 for log w ≥ −5); the sequential passes take V blocks of
-# 64 with 4 warps (8 warps: 1.4× slower forward despite fewer register spills; V blocks of 32:
-# 2.7× slower); _grad_kernel takes 32 key channels × the whole V row with 8 warps (V blocks of 64
-# adding atomic partial sums: 1.15× (RWKV7) and 1.35× (RWKV6) slower forward+backward). 32-row
-# chunks were slower at every setting tried.
+# Launch configuration, from H100 and H200 timings at q7b-L4k (B4 T4096 H28 N128): chunk C = 16
+# (its mid-referenced factors stay within e^±40 for log w ≥ −5); the sequential passes take V
+# blocks of 64 with 4 warps (8 warps: 1.4× slower forward despite fewer register spills; V blocks
+# of 32: 2.7× slower); _grad_kernel takes 32 key channels × the whole V row with 4 warps (8 warps:
+# 1.9× slower there, 12.4 vs 6.5 ms for RWKV7 on an H200; V blocks of 64 adding atomic partial
+# sums: slower too). 32-row chunks were slower at every setting tried.
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
-_WARPS_SEQ, _WARPS_PAR = 4, 8
+_WARPS_SEQ, _WARPS_PAR = 4, 4
 
 
 def _prec(x):
