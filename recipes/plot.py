@@ -48,6 +48,7 @@ def main(argv=None):
         sys.exit(f"error: no stepN/log.jsonl under {', '.join(map(str, a.runs))}; pass distill.py --out folders")
     fig, axes = plt.subplots(1, len(steps), figsize=(5 * len(steps), 3.8), squeeze=False)
     for ax, step in zip(axes[0], steps):
+        ax2 = None  # step 3's perplexity axis, shared by every run
         for i, run in enumerate(a.runs):  # one colour per run in every panel
             log = run / f"step{step}" / "log.jsonl"
             if not log.exists():
@@ -60,7 +61,7 @@ def main(argv=None):
             if pts and step != 3:  # same quantity as the training loss: same axis
                 ax.plot(*zip(*pts), "o--", color=line.get_color(), ms=4, label=f"{run.name} held-out")
             elif pts:
-                ax2 = ax.twinx()
+                ax2 = ax2 or ax.twinx()
                 ax2.plot(*zip(*pts), "o--", color=line.get_color(), ms=4)
                 ax2.set_ylabel("held-out student perplexity")
         ax.set_title(f"step {step}")
