@@ -716,7 +716,8 @@ class BenchConfig:
     reps: int = 5             # timed repetitions on CPU (median); GPU uses triton's do_bench
     threads: int = 0          # CPU threads (0 = torch's default)
     naive_gb: float = 8.0     # skip the naive fwd+bwd when its saved states exceed this
-    fla_shapes: str = "smol-L512,q7b-L4k"   # GPU: shapes that also time fla and SDPA (fla autotunes slowly cold)
+    fla_shapes: str = ""      # GPU: shapes that also time fla and SDPA; "" = every shape timed (fla's cold
+                              # autotuning takes minutes per shape: name fewer to save time)
 
 
 def bench_inputs(variant, B, T, H, N, dtype, device, seed=0):
@@ -815,7 +816,7 @@ def bench_gpu(cfg: BenchConfig):
     fla = _fla()
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     names = cfg.shapes.split(",") if cfg.shapes else list(SHAPES)
-    anchored = set(cfg.fla_shapes.split(","))
+    anchored = set(cfg.fla_shapes.split(",") if cfg.fla_shapes else names)
     print(f"device {torch.cuda.get_device_name()}, bf16 inputs, fp32 state; median ms; "
           f"ratio = ours / fla (the faster of fla's calls); peak = extra MiB of one fwd+bwd"
           + ("" if fla else "; fla not installed: no anchors"))
