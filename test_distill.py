@@ -285,8 +285,8 @@ def test_resume_is_bit_for_bit(env, tmp_path):
 
 def test_triton_backend_trains_like_torch(env, tmp_path):
     """Step 2 with the Triton kernels (in Triton's interpreter, fp32) and with the torch path: the
-    same losses, gradient norms and held-out KL over 3 updates, to 1e-5 (they agree to ~1e-7). On a
-    GPU the two differ by bf16 rounding only."""
+    same losses, gradient norms and held-out KL over 3 updates, to 1e-5 (they agree to ~1e-7): the same
+    math, so on a GPU only 16-bit rounding can set them apart."""
     pytest.importorskip("triton")
     teacher = tiny_hf_teacher(tmp_path / "teacher", hidden_size=64, head_dim=16)   # Triton needs N >= 16
     for backend in ("torch", "triton"):
@@ -295,9 +295,9 @@ def test_triton_backend_trains_like_torch(env, tmp_path):
         r = subprocess.run([sys.executable, str(HERE / "distill.py"), *argv], capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    logs = {x: [json.loads(line) for line in (tmp_path / x / "step2" / "log.jsonl").open()] for x in ("torch", "triton")}
-    seen = {x: [r["loss"] for r in rs if "loss" in r] + [r["grad_norm"] for r in rs if "loss" in r]
-            + [r["eval"]["kl"] for r in rs if "eval" in r] for x, rs in logs.items()}
+    grad_norms = lambda out: [r["grad_norm"] for r in map(json.loads, (out / "step2" / "log.jsonl").open()) if "loss" in r]
+    seen = {x: losses(tmp_path / x, 2) + grad_norms(tmp_path / x) + [e["kl"] for e in evals(tmp_path / x, 2)]
+            for x in ("torch", "triton")}
     print(seen)
     assert len(seen["torch"]) == 3 + 3 + 2, seen     # losses, gradient norms, evals at start and end
     assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(seen["torch"], seen["triton"])), seen
