@@ -167,12 +167,13 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # 3. Triton kernels (KERNELS.md "A lean design"), launchers and the autograd Function
 # ---------------------------------------------------------------------------------------------
 # Forward: _fwd_kernel, one sequential pass over the chunks that writes Y as it goes (and, when a
-# backward follows, every chunk's S₀ and RWKV7's u). Backward: _dstate_kernel, the reverse
-# sequential pass (stores ∂L/∂S at every chunk end, writes dV and RWKV7's dz as it goes), then
-# _grad_kernel, the K-side gradients of all chunks in parallel. Decode: _step_kernel. Math in
-# fp32 (inputs of any float dtype are converted on load), TF32 tensor-core dots for 16-bit inputs
-# on GPU (IEEE fp32 dots for fp32 inputs), the triangular inverse in IEEE fp32. Saved for
-# backward: the inputs, the fp32 chunk states and u; everything else is recomputed.
+# backward follows, S₀ of every other chunk and RWKV7's u). Backward: _dstate_kernel, the reverse
+# sequential pass (stores ∂L/∂S at the end of every other chunk, writes dV and RWKV7's dz as it
+# goes), then _grad_kernel, the K-side gradients of all pairs of chunks in parallel. Decode:
+# _step_kernel. Math in fp32 (inputs of any float dtype are converted on load), TF32 tensor-core
+# dots for 16-bit inputs on GPU (IEEE fp32 dots for fp32 inputs), the triangular inverse in IEEE
+# fp32. Saved for backward: the inputs, the fp32 states of every other chunk and u; everything
+# else is recomputed.
 try:
     import triton
     import triton.language as tl
@@ -262,6 +263,15 @@ def _pairs(qp, kn, ap, bn, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constex
     return A_qk, A_qb, A_ak, Tm
 
 
+@triton.jit
+def _chunk_offsets(ib, ih, it, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv):
+    """Row mask and element offsets of chunk `it` of sequence ib, head ih, for the key channels ck
+    and value channels cv of (B, T, H, ·) token-major tensors."""
+    t = it * C + tl.arange(0, C)
+    row = (ib * T + t) * H + ih                                           # (C,) token rows
+    return (t < T)[:, None], row[:, None] * K + ck[None, :], row[:, None] * V + cv[None, :]
+
+
 @triton.jit(do_not_specialize=["T"])
 def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
@@ -271,14 +281,15 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
         u = T (a₀ S₀ + A_ak V)  (DPLR only).
     The output terms hang off the S₀ → S_C chain and overlap it, instead of a second kernel
     re-reading every chunk state (2.1× faster forward at q7b-L4k on an H100). Writes the final
-    state to sT; when STORE (a backward follows) also S₀ of chunk n at st[n] (n = 0..NT,
-    st[NT] = S_T) and, for DPLR, u (token-major like V, fp32) for _grad_kernel."""
+    state to sT; when STORE (a backward follows) also S₀ of every even chunk 2p at st[p] (the
+    odd ones are recomputed in _grad_kernel: half the memory) and, for DPLR, u (token-major like
+    V, fp32) for _grad_kernel."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
     ih = ibh % H
     NT = tl.cdiv(T, C)
-    ri = tl.arange(0, C)
+    NP = tl.cdiv(NT, 2)
     ck = tl.arange(0, K)
     cv = iv * BV + tl.arange(0, BV)
     kv = ck[:, None] * V + cv[None, :]                                    # (K, BV) in one [K, V] state
@@ -287,16 +298,13 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
     else:
         S = tl.zeros((K, BV), dtype=tl.float32)
     for it in range(NT):
-        t = it * C + ri
-        m = (t < T)[:, None]
-        row = (ib * T + t) * H + ih                                       # (C,) token rows
-        offk = row[:, None] * K + ck[None, :]
-        offv = row[:, None] * V + cv[None, :]
+        m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
         v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
         if STORE:
-            tl.store(st_ptr + (ibh * (NT + 1) + it) * K * V + kv, S)
+            if it % 2 == 0:
+                tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
         A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
         o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
         Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
@@ -309,8 +317,6 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
                 tl.store(u_ptr + offv, u, mask=m)
         tl.store(y_ptr + offv, (o * scale).to(y_ptr.dtype.element_ty), mask=m)
         S = Snew
-    if STORE:
-        tl.store(st_ptr + (ibh * (NT + 1) + NT) * K * V + kv, S)
     tl.store(sT_ptr + ibh * K * V + kv, S)
 
 
@@ -325,10 +331,14 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
 #   dA = e^{ε} (dz S₀ᵀ) + e^{ε−ref} [stril(dz Vᵀ) k⁻ + stril(dz uᵀ) b⁻]       (da_i = S_{i−1} dz_i)
 #   dg_i = c + Σ_{j≥i} (r dr − k dk − b db)_j + Σ_{j>i} (a da)_j,  c = rowsum(S_C ⊙ dS)
 #   (from rowsum(S_i ⊙ dS_i) = dg_{i+1} + a_{i+1} da_{i+1} + r_i dr_i and
-#    dg_i = rowsum(S_i ⊙ dS_i) − b_i db_i − k_i dk_i).
+#    dg_i = rowsum(S_i ⊙ dS_i) − b_i db_i − k_i dk_i), where with S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u
+#   c = e^{γ_C} rowsum(S₀ ⊙ dS) + colsum(k_C ⊙ V dSᵀ) + colsum(b_C ⊙ u dSᵀ): no S_C needed.
 # dV and dz need only chunk-local terms and dS, so the reverse pass writes them; dR, dK, dA, dB,
 # dg need S₀ as well and are per key channel (sums over V, no K-contraction): _grad_kernel takes
 # blocks of key channels with the whole V row, so no partial sums are added across programs.
+# Both passes store one state per pair of chunks (S₀ of the first, dS at the end of the second);
+# _grad_kernel recomputes the state between them, forward for S and backward for dS — each row of
+# a block of key channels needs only its own rows (S_C and dS₀ above are row-wise in K).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -337,14 +347,15 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
                    T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
-    stores dS (gradient of chunk n's end state) at dst[n], writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz
-    and (DPLR) dz (fp32, token-major like V) off the dS chain, then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
+    stores dS (gradient of chunk n's end state) for every odd n and the last chunk at dst[n // 2],
+    writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz and (DPLR) dz (fp32, token-major like V) off the dS
+    chain, then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
     ih = ibh % H
     NT = tl.cdiv(T, C)
-    ri = tl.arange(0, C)
+    NP = tl.cdiv(NT, 2)
     ck = tl.arange(0, K)
     cv = iv * BV + tl.arange(0, BV)
     kv = ck[:, None] * V + cv[None, :]
@@ -354,16 +365,13 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
         dS = tl.zeros((K, BV), dtype=tl.float32)
     for j in range(NT):
         it = NT - 1 - j
-        t = it * C + ri
-        m = (t < T)[:, None]
-        row = (ib * T + t) * H + ih
-        offk = row[:, None] * K + ck[None, :]
-        offv = row[:, None] * V + cv[None, :]
+        m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
         # the cast after `* scale`: torch.compile passes a float argument as fp64 (tl.dot needs one dtype)
         dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-        tl.store(dst_ptr + (ibh * NT + it) * K * V + kv, dS)
+        if (it % 2 == 1) | (j == 0):
+            tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
         dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
         A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
         dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
@@ -378,55 +386,72 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
     tl.store(ds0_ptr + ibh * K * V + kv, dS)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+@triton.jit
+def _state_back(dS, r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dz_ptr, ib, ih, it, T, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
+                DPLR: tl.constexpr, PREC: tl.constexpr):
+    """dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz of chunk `it` for the rows ck: the reverse pass's step."""
+    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
+    dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
+    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    dS0 = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
+    if DPLR:
+        dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
+        dS0 += tl.dot(tl.trans(a0), dz, input_precision=PREC)
+    return dS0
+
+
+@triton.jit
+def _state_forward(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, u_ptr, ib, ih, it, T,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
+                   DPLR: tl.constexpr, PREC: tl.constexpr):
+    """S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u of chunk `it` for the rows ck: the forward pass's step."""
+    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
+    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
+    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    SC = tl.exp(gC)[:, None] * S0 + tl.dot(tl.trans(kC), v, input_precision=PREC)
+    if DPLR:
+        u = tl.load(u_ptr + offv, mask=m, other=0.0)
+        SC += tl.dot(tl.trans(bC), u, input_precision=PREC)
+    return SC
+
+
+@triton.jit
+def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, it, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
                  DPLR: tl.constexpr, PREC: tl.constexpr):
-    """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
-    (chunk, K block, batch·head), all in parallel, from S₀ (st[n]), S_C (st[n+1]), dS (dst[n]),
-    the forward's u and the reverse pass's dz; written in the gradients' dtypes."""
-    it = tl.program_id(0)
-    ik = tl.program_id(1)
-    ibh = tl.program_id(2).to(tl.int64)
-    ib = ibh // H
-    ih = ibh % H
-    NT = tl.cdiv(T, C)
+    """dR, dK, dA, dB, dg of chunk `it` for the key channels ck, from its S₀ and dS (rows ck)."""
     ri = tl.arange(0, C)
-    ck = ik * BK + tl.arange(0, BK)
-    cv = tl.arange(0, V)
-    kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
     causal = ri[:, None] >= ri[None, :]                               # j ≤ i
     strict = ri[:, None] > ri[None, :]                                # j < i
     upper = ri[:, None] <= ri[None, :]                                # j ≥ i (on transposed pairs)
     supper = ri[:, None] < ri[None, :]                                # j > i
-    t = it * C + ri
-    m = (t < T)[:, None]
-    row = (ib * T + t) * H + ih
-    offk = row[:, None] * K + ck[None, :]
-    offv = row[:, None] * V + cv[None, :]
+    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
     v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
     dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)   # dŶ (see _dstate_kernel)
-    S0 = tl.load(st_ptr + (ibh * (NT + 1) + it) * K * V + kv)
-    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv)
-    SC = tl.load(st_ptr + (ibh * (NT + 1) + it + 1) * K * V + kv)
-    c = tl.sum(SC * dS, axis=1)                                       # rowsum(S_C ⊙ dS)
     g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    vdS = tl.dot(v, tl.trans(dS), input_precision=PREC)                 # [i, d] = v_i · dS_d
+    c = tl.exp(gC) * tl.sum(S0 * dS, axis=1) + tl.sum(kC * vdS, axis=0)  # rowsum(S_C ⊙ dS)
     dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # [i, j] = dŷ_i · v_j
     dr = tl.exp(gam) * tl.dot(dy, tl.trans(S0), input_precision=PREC) + tl.exp(gam - ref[None, :]) * \
         tl.dot(tl.where(causal, dyv, 0.0), kn, input_precision=PREC)
-    dk = tl.exp(gC[None, :] - gam) * tl.dot(v, tl.trans(dS), input_precision=PREC)
+    dk = tl.exp(gC[None, :] - gam) * vdS
     dkin = tl.dot(tl.where(upper, tl.trans(dyv), 0.0), qp, input_precision=PREC)
     if DPLR:
         u = tl.load(u_ptr + offv, mask=m, other=0.0)
         dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
+        udS = tl.dot(u, tl.trans(dS), input_precision=PREC)
+        c += tl.sum(bC * udS, axis=0)
         dyu = tl.dot(dy, tl.trans(u), input_precision=PREC)             # [i, j] = dŷ_i · u_j
         dzv = tl.dot(dz, tl.trans(v), input_precision=PREC)             # [i, j] = dz_i · v_j
         dzu = tl.dot(dz, tl.trans(u), input_precision=PREC)             # [i, j] = dz_i · u_j
         dr += tl.exp(gam - ref[None, :]) * tl.dot(tl.where(causal, dyu, 0.0), bn, input_precision=PREC)
         dkin += tl.dot(tl.where(supper, tl.trans(dzv), 0.0), ap, input_precision=PREC)
-        db = tl.exp(gC[None, :] - gam) * tl.dot(u, tl.trans(dS), input_precision=PREC) + \
+        db = tl.exp(gC[None, :] - gam) * udS + \
             tl.exp(ref[None, :] - gam) * (
                 tl.dot(tl.where(upper, tl.trans(dyu), 0.0), qp, input_precision=PREC)
                 + tl.dot(tl.where(supper, tl.trans(dzu), 0.0), ap, input_precision=PREC))
@@ -449,6 +474,37 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
     if DPLR:
         tl.store(da_ptr + offk, da.to(da_ptr.dtype.element_ty), mask=m)
         tl.store(db_ptr + offk, db.to(db_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 DPLR: tl.constexpr, PREC: tl.constexpr):
+    """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
+    (pair of chunks 2p, 2p + 1, K block, batch·head), all in parallel, from S₀ of chunk 2p (st[p]),
+    dS at the end of chunk 2p + 1 (dst[p]), the forward's u and the reverse pass's dz; the state
+    between the two chunks is recomputed both ways. Written in the gradients' dtypes. A chunk
+    past T (the second of the last pair when the count is odd) is all masked: nothing is written."""
+    ip = tl.program_id(0)
+    ik = tl.program_id(1)
+    ibh = tl.program_id(2).to(tl.int64)
+    ib = ibh // H
+    ih = ibh % H
+    NP = tl.cdiv(tl.cdiv(T, C), 2)
+    ck = ik * BK + tl.arange(0, BK)
+    cv = tl.arange(0, V)
+    kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
+    S0 = tl.load(st_ptr + (ibh * NP + ip) * K * V + kv)                # S₀ of chunk 2p
+    dS1 = tl.load(dst_ptr + (ibh * NP + ip) * K * V + kv)              # dS at the end of chunk 2p + 1
+    dS0 = _state_back(dS1, r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dz_ptr, ib, ih, 2 * ip + 1, T, scale,
+                      H, K, V, C, ck, cv, DPLR, PREC)                 # dS at the end of chunk 2p
+    _chunk_grads(S0, dS0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
+    S1 = _state_forward(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, u_ptr, ib, ih, 2 * ip, T,
+                        H, K, V, C, ck, cv, DPLR, PREC)               # S₀ of chunk 2p + 1
+    _chunk_grads(S1, dS1, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip + 1, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -499,15 +555,15 @@ def _prec(x):
 
 def _fwd(r, w, k, v, a, b, s0, scale, store):
     """Forward launch. Returns y (r's dtype), S_T (fp32) and, when store, the chunk states st
-    (B, H, NT + 1, N, N) fp32, st[:, :, n] = S₀ of chunk n, st[:, :, NT] = S_T, and (RWKV7) u
-    (B, T, H, N) fp32 (else None)."""
+    (B, H, NP, N, N) fp32, NP = ⌈NT / 2⌉ pairs of chunks, st[:, :, p] = S₀ of chunk 2p, and (RWKV7)
+    u (B, T, H, N) fp32 (else None)."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
-    NT, bv = triton.cdiv(T, _C), min(N, _BV)
+    NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV)
     f32 = dict(device=r.device, dtype=torch.float32)
     sT = torch.empty(B, H, N, N, **f32)
-    st = torch.empty(B, H, NT + 1, N, N, **f32) if store else None
+    st = torch.empty(B, H, NP, N, N, **f32) if store else None
     u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
     _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, sT if s0 is None else s0, sT if st is None else st, sT, y,
@@ -522,9 +578,9 @@ def _bwd(r, w, k, v, a, b, st, u, dy, dsT, scale):
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)
-    NT, bv, bk = triton.cdiv(T, _C), min(N, _BV), min(N, _BK)
+    NP, bv, bk = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV), min(N, _BK)
     f32 = dict(device=r.device, dtype=torch.float32)
-    dst = torch.empty(B, H, NT, N, N, **f32)            # ∂L/∂S at every chunk end
+    dst = torch.empty(B, H, NP, N, N, **f32)            # ∂L/∂S at the end of every pair of chunks
     ds0 = torch.empty(B, H, N, N, **f32)
     dv = torch.empty_like(v)
     dz = torch.empty(B, T, H, N, **f32) if dplr else dv
@@ -533,7 +589,7 @@ def _bwd(r, w, k, v, a, b, st, u, dy, dsT, scale):
                                      PREC=_prec(r), num_warps=_WARPS_SEQ)
     dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
     da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
-    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz,
+    _grad_kernel[(NP, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz,
                                        dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, DPLR=dplr,
                                        PREC=_prec(r), num_warps=_WARPS_PAR)
     return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
