@@ -387,35 +387,25 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
 
 
 @triton.jit
-def _state_back(dS, r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dz_ptr, ib, ih, it, T, scale,
+def _state_step(X, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, it, T, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
-                DPLR: tl.constexpr, PREC: tl.constexpr):
-    """dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz of chunk `it` for the rows ck: the reverse pass's step."""
+                BACK: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
+    """One chunk `it` of the forward pass, X = S₀ → S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u, or with BACK
+    of the reverse pass, X = dS → dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz, for the rows ck of the state."""
     m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
-    dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
     g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    dS0 = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
-    if DPLR:
-        dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
-        dS0 += tl.dot(tl.trans(a0), dz, input_precision=PREC)
-    return dS0
-
-
-@triton.jit
-def _state_forward(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, u_ptr, ib, ih, it, T,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
-                   DPLR: tl.constexpr, PREC: tl.constexpr):
-    """S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u of chunk `it` for the rows ck: the forward pass's step."""
-    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
-    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    SC = tl.exp(gC)[:, None] * S0 + tl.dot(tl.trans(kC), v, input_precision=PREC)
-    if DPLR:
-        u = tl.load(u_ptr + offv, mask=m, other=0.0)
-        SC += tl.dot(tl.trans(bC), u, input_precision=PREC)
-    return SC
+    if BACK:
+        x = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
+        X = tl.exp(gC)[:, None] * X + tl.dot(tl.trans(r0), x, input_precision=PREC)
+        if DPLR:
+            X += tl.dot(tl.trans(a0), tl.load(dz_ptr + offv, mask=m, other=0.0), input_precision=PREC)
+    else:
+        x = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
+        X = tl.exp(gC)[:, None] * X + tl.dot(tl.trans(kC), x, input_precision=PREC)
+        if DPLR:
+            X += tl.dot(tl.trans(bC), tl.load(u_ptr + offv, mask=m, other=0.0), input_precision=PREC)
+    return X
 
 
 @triton.jit
@@ -497,12 +487,12 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
     kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
     S0 = tl.load(st_ptr + (ibh * NP + ip) * K * V + kv)                # S₀ of chunk 2p
     dS1 = tl.load(dst_ptr + (ibh * NP + ip) * K * V + kv)              # dS at the end of chunk 2p + 1
-    dS0 = _state_back(dS1, r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dz_ptr, ib, ih, 2 * ip + 1, T, scale,
-                      H, K, V, C, ck, cv, DPLR, PREC)                 # dS at the end of chunk 2p
+    dS0 = _state_step(dS1, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, 2 * ip + 1,
+                      T, scale, H, K, V, C, ck, cv, True, DPLR, PREC)   # dS at the end of chunk 2p
     _chunk_grads(S0, dS0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
                  dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
-    S1 = _state_forward(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, u_ptr, ib, ih, 2 * ip, T,
-                        H, K, V, C, ck, cv, DPLR, PREC)               # S₀ of chunk 2p + 1
+    S1 = _state_step(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, 2 * ip,
+                     T, scale, H, K, V, C, ck, cv, False, DPLR, PREC)   # S₀ of chunk 2p + 1
     _chunk_grads(S1, dS1, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
                  dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip + 1, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
 
