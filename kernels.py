@@ -166,14 +166,15 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # ---------------------------------------------------------------------------------------------
 # 3. Triton kernels (KERNELS.md "A lean design"), launchers and the autograd Function
 # ---------------------------------------------------------------------------------------------
-# Forward: _fwd_kernel, one sequential pass over the chunks that writes Y as it goes (and, when a
-# backward follows, S₀ of every other chunk and RWKV7's u). Backward: _dstate_kernel, the reverse
+# Forward: _pairs_kernel, the S-free C×C matrices of all chunks in parallel, then _fwd_kernel,
+# one sequential pass over the chunks that writes Y as it goes (and, when a backward follows, S₀
+# of every other chunk and RWKV7's u). Backward: _dstate_kernel, the reverse
 # sequential pass (stores ∂L/∂S at the end of every other chunk, writes dV and RWKV7's dz as it
 # goes), then _grad_kernel, the K-side gradients of all pairs of chunks in parallel. Decode:
 # _step_kernel. Math in fp32 (inputs of any float dtype are converted on load), TF32 tensor-core
 # dots for 16-bit inputs on GPU (IEEE fp32 dots for fp32 inputs), the triangular inverse in IEEE
-# fp32. Saved for backward: the inputs, the fp32 states of every other chunk and u; everything
-# else is recomputed.
+# fp32. Saved for backward: the inputs, the pair matrices, the fp32 states of every other chunk
+# and u; everything else is recomputed.
 try:
     import triton
     import triton.language as tl
@@ -273,8 +274,48 @@ def _chunk_offsets(ib, ih, it, T, H: tl.constexpr, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit(do_not_specialize=["T"])
-def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, T, H: tl.constexpr, K: tl.constexpr,
+                  C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
+    """The S-free matrices of every chunk, one program per (chunk, batch·head), all in parallel:
+    A_qk, A_qb, A_ak and T = (I − A_ab)^{-1} (RWKV7; A_qk alone for RWKV6) into p[chunk]. The
+    sequential passes load them instead of rebuilding them on their critical path, once per V
+    block; the backward reuses the forward's."""
+    it = tl.program_id(0)
+    ibh = tl.program_id(1).to(tl.int64)
+    ck = tl.arange(0, K)
+    m, offk, offv = _chunk_offsets(ibh // H, ibh % H, it, T, H, K, K, C, ck, ck)
+    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+    ri = tl.arange(0, C)
+    p = p_ptr + (ibh * tl.cdiv(T, C) + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    tl.store(p, A_qk)
+    if DPLR:
+        tl.store(p + C * C, A_qb)
+        tl.store(p + 2 * C * C, A_ak)
+        tl.store(p + 3 * C * C, Tm)
+
+
+@triton.jit
+def _load_pairs(p_ptr, ibh, it, NT, NM: tl.constexpr, DPLR: tl.constexpr, C: tl.constexpr):
+    """_pairs_kernel's NM matrices of chunk `it` (RWKV6: A_qk alone, aliased as the others)."""
+    ri = tl.arange(0, C)
+    p = p_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    A_qk = tl.load(p)
+    if DPLR:
+        A_qb = tl.load(p + C * C)
+        A_ak = tl.load(p + 2 * C * C)
+        Tm = tl.load(p + 3 * C * C)
+    else:
+        A_qb = A_qk
+        A_ak = A_qk
+        Tm = A_qk
+    return A_qk, A_qb, A_ak, Tm
+
+
+@triton.jit(do_not_specialize=["T"])
+def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NM: tl.constexpr,
                 DPLR: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
     """Forward pass, one program per (V block, batch·head), sequential over chunks; per chunk
         Y = scale (r₀ S₀ + A_qk V + A_qb u),  S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,
@@ -305,7 +346,7 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
         if STORE:
             if it % 2 == 0:
                 tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
-        A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+        A_qk, A_qb, A_ak, Tm = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
         o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
         Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
         if DPLR:
@@ -343,9 +384,9 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, st_ptr, sT_ptr
 
 
 @triton.jit(do_not_specialize=["T"])
-def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, dv_ptr, dz_ptr,
-                   T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                   BV: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
+def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, dv_ptr,
+                   dz_ptr, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BV: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
     stores dS (gradient of chunk n's end state) for every odd n and the last chunk at dst[n // 2],
     writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz and (DPLR) dz (fp32, token-major like V) off the dS
@@ -373,7 +414,7 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, ds
         if (it % 2 == 1) | (j == 0):
             tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
         dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
-        A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
+        A_qk, A_qb, A_ak, Tm = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
         dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
         if DPLR:
             dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
@@ -543,12 +584,26 @@ def _prec(x):
     return "tf32" if x.is_cuda and x.dtype != torch.float32 else "ieee"
 
 
-def _fwd(r, w, k, v, a, b, s0, scale, store):
-    """Forward launch. Returns y (r's dtype), S_T (fp32) and, when store, the chunk states st
-    (B, H, NP, N, N) fp32, NP = ⌈NT / 2⌉ pairs of chunks, st[:, :, p] = S₀ of chunk 2p, and (RWKV7)
-    u (B, T, H, N) fp32 (else None)."""
+def _pair_matrices(r, w, k, a, b):
+    """_pairs_kernel launch: (B, H, NT, NM, C, C) fp32, NM = 4 for RWKV7 (A_qk, A_qb, A_ak, T), 1
+    for RWKV6 (A_qk). a = None for RWKV6."""
     B, T, H, N = r.shape
     dplr = a is not None
+    a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
+    NT, nm = triton.cdiv(T, _C), 4 if dplr else 1
+    p = torch.empty(B, H, NT, nm, _C, _C, device=r.device, dtype=torch.float32)
+    _pairs_kernel[(NT, B * H)](r, w, k, a, b, p, T, H=H, K=N, C=_C, NM=nm, DPLR=dplr, PREC=_prec(r),
+                               num_warps=_WARPS_SEQ)
+    return p
+
+
+def _fwd(r, w, k, v, a, b, s0, scale, store):
+    """Forward launches. Returns y (r's dtype), S_T (fp32) and, when store, the pair matrices p
+    (_pair_matrices), the chunk states st (B, H, NP, N, N) fp32, NP = ⌈NT / 2⌉ pairs of chunks,
+    st[:, :, p] = S₀ of chunk 2p, and (RWKV7) u (B, T, H, N) fp32 (else None)."""
+    B, T, H, N = r.shape
+    dplr = a is not None
+    p = _pair_matrices(r, w, k, a, b)
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
     NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV)
     f32 = dict(device=r.device, dtype=torch.float32)
@@ -556,13 +611,14 @@ def _fwd(r, w, k, v, a, b, s0, scale, store):
     st = torch.empty(B, H, NP, N, N, **f32) if store else None
     u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
-    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, sT if s0 is None else s0, sT if st is None else st, sT, y,
-                                  y if u is None else u, T, scale, H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr,
-                                  HAS_S0=s0 is not None, STORE=store, PREC=_prec(r), num_warps=_WARPS_SEQ)
-    return y, sT, st, u
+    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, sT if s0 is None else s0, sT if st is None else st, sT, y,
+                                  y if u is None else u, T, scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3],
+                                  DPLR=dplr, HAS_S0=s0 is not None, STORE=store, PREC=_prec(r),
+                                  num_warps=_WARPS_SEQ)
+    return y, sT, (p if store else None), st, u
 
 
-def _bwd(r, w, k, v, a, b, st, u, dy, dsT, scale):
+def _bwd(r, w, k, v, a, b, p, st, u, dy, dsT, scale):
     """Backward launches. Returns dr, dw, dk, dv, da, db (the inputs' dtypes; None for RWKV6) and
     dS_0 (fp32)."""
     B, T, H, N = r.shape
@@ -574,9 +630,9 @@ def _bwd(r, w, k, v, a, b, st, u, dy, dsT, scale):
     ds0 = torch.empty(B, H, N, N, **f32)
     dv = torch.empty_like(v)
     dz = torch.empty(B, T, H, N, **f32) if dplr else dv
-    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T, scale,
-                                     H=H, K=N, V=N, C=_C, BV=bv, DPLR=dplr, HAS_DST=dsT is not None,
-                                     PREC=_prec(r), num_warps=_WARPS_SEQ)
+    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
+                                     scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3], DPLR=dplr,
+                                     HAS_DST=dsT is not None, PREC=_prec(r), num_warps=_WARPS_SEQ)
     dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
     da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
     _grad_kernel[(NP, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz,
@@ -592,16 +648,16 @@ class _TritonAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, scale):
         ctx.set_materialize_grads(False)                  # an unused y or S_T costs nothing
-        y, sT, st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
-        ctx.save_for_backward(r, w, k, v, a, b, st, u)
+        y, sT, p, st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
+        ctx.save_for_backward(r, w, k, v, a, b, p, st, u)
         ctx.scale, ctx.has_s0 = scale, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, st, u = ctx.saved_tensors
+        r, w, k, v, a, b, p, st, u = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
-        grads = _bwd(r, w, k, v, a, b, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
+        grads = _bwd(r, w, k, v, a, b, p, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
         return (*grads[:6], grads[6] if ctx.has_s0 else None, None)
 
 
