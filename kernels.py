@@ -274,12 +274,13 @@ def _chunk_offsets(ib, ih, it, T, H: tl.constexpr, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit(do_not_specialize=["T"])
-def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, T, H: tl.constexpr, K: tl.constexpr,
+def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.constexpr, K: tl.constexpr,
                   C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
-    """The S-free matrices of every chunk, one program per (chunk, batch·head), all in parallel:
-    A_qk, A_qb, A_ak and T = (I − A_ab)^{-1} (RWKV7; A_qk alone for RWKV6) into p[chunk]. The
-    sequential passes load them instead of rebuilding them on their critical path, once per V
-    block; the backward reuses the forward's."""
+    """The S-free matrices of every chunk, one program per (chunk, batch·head), all in parallel,
+    into p[chunk] (C × C) and, for RWKV7, q[chunk] (C × K):
+        RWKV6: A_qk.   RWKV7: A_qk, A_qb, A_ak, M = T A_ak, M_z = A_qb T;  W = T a₀, B = Tᵀ b_C,
+    so that the sequential passes' chains from one state to the next are two dots deep:
+        u = W S₀ + M V  (forward),   dz = M_zᵀ dŶ + B dS  (backward)."""
     it = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ck = tl.arange(0, K)
@@ -288,38 +289,53 @@ def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, T, H: tl.constexpr, 
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
     ri = tl.arange(0, C)
-    p = p_ptr + (ibh * tl.cdiv(T, C) + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    chunk = ibh * tl.cdiv(T, C) + it
+    p = p_ptr + chunk * NM * C * C + ri[:, None] * C + ri[None, :]
     tl.store(p, A_qk)
     if DPLR:
         tl.store(p + C * C, A_qb)
         tl.store(p + 2 * C * C, A_ak)
-        tl.store(p + 3 * C * C, Tm)
+        tl.store(p + 3 * C * C, tl.dot(Tm, A_ak, input_precision=PREC))
+        tl.store(p + 4 * C * C, tl.dot(A_qb, Tm, input_precision=PREC))
+        q = q_ptr + chunk * 2 * C * K + ri[:, None] * K + ck[None, :]
+        tl.store(q, tl.dot(Tm, a0, input_precision=PREC))
+        tl.store(q + C * K, tl.dot(tl.trans(Tm), bC, input_precision=PREC))
 
 
 @triton.jit
 def _load_pairs(p_ptr, ibh, it, NT, NM: tl.constexpr, DPLR: tl.constexpr, C: tl.constexpr):
-    """_pairs_kernel's NM matrices of chunk `it` (RWKV6: A_qk alone, aliased as the others)."""
+    """_pairs_kernel's C × C matrices of chunk `it`: A_qk, A_qb, A_ak, M, M_z (RWKV6: A_qk alone,
+    aliased as the others)."""
     ri = tl.arange(0, C)
     p = p_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
     A_qk = tl.load(p)
     if DPLR:
         A_qb = tl.load(p + C * C)
         A_ak = tl.load(p + 2 * C * C)
-        Tm = tl.load(p + 3 * C * C)
+        M = tl.load(p + 3 * C * C)
+        Mz = tl.load(p + 4 * C * C)
     else:
         A_qb = A_qk
         A_ak = A_qk
-        Tm = A_qk
-    return A_qk, A_qb, A_ak, Tm
+        M = A_qk
+        Mz = A_qk
+    return A_qk, A_qb, A_ak, M, Mz
+
+
+@triton.jit
+def _load_wb(q_ptr, ibh, it, NT, C: tl.constexpr, K: tl.constexpr):
+    """_pairs_kernel's W = T a₀ and B = Tᵀ b_C of chunk `it` (C, K), RWKV7."""
+    q = q_ptr + (ibh * NT + it) * 2 * C * K + tl.arange(0, C)[:, None] * K + tl.arange(0, K)[None, :]
+    return tl.load(q), tl.load(q + C * K)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
+def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NM: tl.constexpr,
                 DPLR: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
     """Forward pass, one program per (V block, batch·head), sequential over chunks; per chunk
         Y = scale (r₀ S₀ + A_qk V + A_qb u),  S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,
-        u = T (a₀ S₀ + A_ak V)  (DPLR only).
+        u = T (a₀ S₀ + A_ak V) = W S₀ + M V  (DPLR only; W, M from _pairs_kernel).
     The output terms hang off the S₀ → S_C chain and overlap it, instead of a second kernel
     re-reading every chunk state (2.1× faster forward at q7b-L4k on an H100). Writes the final
     state to sT; when STORE (a backward follows) also S₀ of every even chunk 2p at st[p] (the
@@ -346,12 +362,12 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, s0_ptr, st_ptr,
         if STORE:
             if it % 2 == 0:
                 tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
-        A_qk, A_qb, A_ak, Tm = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
+        A_qk, A_qb, A_ak, M, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
         o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
         Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
         if DPLR:
-            u = tl.dot(Tm, tl.dot(a0, S, input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC),
-                       input_precision=PREC)                              # u_i = a_iᵀ S_{i−1}
+            W, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
+            u = tl.dot(W, S, input_precision=PREC) + tl.dot(M, v, input_precision=PREC)   # u_i = a_iᵀ S_{i−1}
             o += tl.dot(A_qb, u, input_precision=PREC)
             Snew += tl.dot(tl.trans(bC), u, input_precision=PREC)
             if STORE:
@@ -363,7 +379,7 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, s0_ptr, st_ptr,
 
 # ---------------------------------------------------------------------------------------------
 # Backward per chunk, with dS = ∂L/∂S_C from later chunks and dŶ = scale·dY (C, V):
-#   dz = Tᵀ (A_qbᵀ dŶ + b_C dS)            (dz_i = b_iᵀ dS_i: the per-step gradient of u_i)
+#   dz = Tᵀ (A_qbᵀ dŶ + b_C dS) = M_zᵀ dŶ + B dS     (dz_i = b_iᵀ dS_i: the per-step gradient of u_i)
 #   dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz
 #   dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz
 #   dR = e^{γ} (dŶ S₀ᵀ) + e^{γ−ref} [tril(dŶ Vᵀ) k⁻ + tril(dŶ uᵀ) b⁻]          (dr_i = S_i dŷ_i)
@@ -384,8 +400,8 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, s0_ptr, st_ptr,
 
 
 @triton.jit(do_not_specialize=["T"])
-def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr, dv_ptr,
-                   dz_ptr, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
+                   dv_ptr, dz_ptr, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
     stores dS (gradient of chunk n's end state) for every odd n and the last chunk at dst[n // 2],
@@ -414,11 +430,11 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, dy_ptr, dsT_
         if (it % 2 == 1) | (j == 0):
             tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
         dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
-        A_qk, A_qb, A_ak, Tm = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
+        A_qk, A_qb, A_ak, M, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
         dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
         if DPLR:
-            dz = tl.dot(tl.trans(Tm), tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
-                        + tl.dot(bC, dS, input_precision=PREC), input_precision=PREC)
+            W, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
+            dz = tl.dot(tl.trans(Mz), dy, input_precision=PREC) + tl.dot(Bm, dS, input_precision=PREC)
             dSprev += tl.dot(tl.trans(a0), dz, input_precision=PREC)
             dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
             tl.store(dz_ptr + offv, dz, mask=m)
@@ -585,16 +601,19 @@ def _prec(x):
 
 
 def _pair_matrices(r, w, k, a, b):
-    """_pairs_kernel launch: (B, H, NT, NM, C, C) fp32, NM = 4 for RWKV7 (A_qk, A_qb, A_ak, T), 1
-    for RWKV6 (A_qk). a = None for RWKV6."""
+    """_pairs_kernel launch: p (B, H, NT, NM, C, C) fp32, NM = 5 for RWKV7 (A_qk, A_qb, A_ak, M,
+    M_z), 1 for RWKV6 (A_qk); q (B, H, NT, 2, C, N) fp32 (W, B) for RWKV7, p for RWKV6 (unread).
+    a = None for RWKV6."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
-    NT, nm = triton.cdiv(T, _C), 4 if dplr else 1
-    p = torch.empty(B, H, NT, nm, _C, _C, device=r.device, dtype=torch.float32)
-    _pairs_kernel[(NT, B * H)](r, w, k, a, b, p, T, H=H, K=N, C=_C, NM=nm, DPLR=dplr, PREC=_prec(r),
+    NT, nm = triton.cdiv(T, _C), 5 if dplr else 1
+    f32 = dict(device=r.device, dtype=torch.float32)
+    p = torch.empty(B, H, NT, nm, _C, _C, **f32)
+    q = torch.empty(B, H, NT, 2, _C, N, **f32) if dplr else p
+    _pairs_kernel[(NT, B * H)](r, w, k, a, b, p, q, T, H=H, K=N, C=_C, NM=nm, DPLR=dplr, PREC=_prec(r),
                                num_warps=_WARPS_SEQ)
-    return p
+    return p, q
 
 
 def _fwd(r, w, k, v, a, b, s0, scale, store):
@@ -603,7 +622,7 @@ def _fwd(r, w, k, v, a, b, s0, scale, store):
     st[:, :, p] = S₀ of chunk 2p, and (RWKV7) u (B, T, H, N) fp32 (else None)."""
     B, T, H, N = r.shape
     dplr = a is not None
-    p = _pair_matrices(r, w, k, a, b)
+    p, q = _pair_matrices(r, w, k, a, b)
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
     NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV)
     f32 = dict(device=r.device, dtype=torch.float32)
@@ -611,14 +630,14 @@ def _fwd(r, w, k, v, a, b, s0, scale, store):
     st = torch.empty(B, H, NP, N, N, **f32) if store else None
     u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
-    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, sT if s0 is None else s0, sT if st is None else st, sT, y,
+    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, sT if s0 is None else s0, sT if st is None else st, sT, y,
                                   y if u is None else u, T, scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3],
                                   DPLR=dplr, HAS_S0=s0 is not None, STORE=store, PREC=_prec(r),
                                   num_warps=_WARPS_SEQ)
-    return y, sT, (p if store else None), st, u
+    return y, sT, ((p, q) if store else None), st, u
 
 
-def _bwd(r, w, k, v, a, b, p, st, u, dy, dsT, scale):
+def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
     """Backward launches. Returns dr, dw, dk, dv, da, db (the inputs' dtypes; None for RWKV6) and
     dS_0 (fp32)."""
     B, T, H, N = r.shape
@@ -630,7 +649,7 @@ def _bwd(r, w, k, v, a, b, p, st, u, dy, dsT, scale):
     ds0 = torch.empty(B, H, N, N, **f32)
     dv = torch.empty_like(v)
     dz = torch.empty(B, T, H, N, **f32) if dplr else dv
-    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
+    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
                                      scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3], DPLR=dplr,
                                      HAS_DST=dsT is not None, PREC=_prec(r), num_warps=_WARPS_SEQ)
     dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
@@ -648,16 +667,16 @@ class _TritonAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, scale):
         ctx.set_materialize_grads(False)                  # an unused y or S_T costs nothing
-        y, sT, p, st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
-        ctx.save_for_backward(r, w, k, v, a, b, p, st, u)
+        y, sT, (p, q), st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
+        ctx.save_for_backward(r, w, k, v, a, b, p, q, st, u)
         ctx.scale, ctx.has_s0 = scale, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, p, st, u = ctx.saved_tensors
+        r, w, k, v, a, b, p, q, st, u = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
-        grads = _bwd(r, w, k, v, a, b, p, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
+        grads = _bwd(r, w, k, v, a, b, p, q, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
         return (*grads[:6], grads[6] if ctx.has_s0 else None, None)
 
 
