@@ -591,7 +591,7 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
 # 1.9× slower there, 12.4 vs 6.5 ms for RWKV7 on an H200; V blocks of 64 adding atomic partial
 # sums: slower too). 32-row chunks were slower at every setting tried.
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
-_WARPS_SEQ, _WARPS_PAR = 4, 4
+_WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
 
 
 def _prec(x):
@@ -687,7 +687,7 @@ def _launch_step(r, w, k, v, a, b, S, scale):
     y = torch.empty_like(r)
     bv = min(N, _BV_STEP)
     _step_kernel[(N // bv, B * H)](r, w, k, v, a if dplr else r, b if dplr else r, S, y, T, scale,
-                                   H=H, K=N, V=N, BV=bv, DPLR=dplr, num_warps=4)
+                                   H=H, K=N, V=N, BV=bv, DPLR=dplr, num_warps=_WARPS_STEP)
     return y, S
 
 
