@@ -16,6 +16,7 @@ PyTorch path, Triton kernels, public entry points, benchmark.
     python -m pytest -q test_kernels_triton.py     # the Triton backend (interpreter on CPU)
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -584,14 +585,31 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
         tl.store(y_ptr + row * V + cv, y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + soff, S)
 
-# Launch configuration, from H100 and H200 timings at q7b-L4k (B4 T4096 H28 N128): chunk C = 16
-# (its mid-referenced factors stay within e^±40 for log w ≥ −5); the sequential passes take V
-# blocks of 64 with 4 warps (8 warps: 1.4× slower forward despite fewer register spills; V blocks
-# of 32: 2.7× slower); _grad_kernel takes 32 key channels × the whole V row with 4 warps (8 warps:
-# 1.9× slower there, 12.4 vs 6.5 ms for RWKV7 on an H200; V blocks of 64 adding atomic partial
-# sums: slower too). 32-row chunks were slower at every setting tried.
+# Launch configuration, from H200 sweeps at the 7B shapes (docs/results-2xh200/fourth/sweep_*.txt).
+# Chunk C = 16: its mid-referenced factors stay within e^±40 for log w ≥ −5, and 32-row chunks made
+# RWKV7 forward+backward 7× slower (register spills; 64 rows overflow shared memory). The
+# sequential passes take V blocks of 64 with 4 warps (8 warps: 1.7× slower forward); _v_block
+# narrows the blocks when few heads would leave most SMs idle. _grad_kernel takes 32 key channels
+# × the whole V row with 4 warps (2 or 8 warps: 1.6-1.7× slower there; 64 channels 1.5×; 16
+# channels 2.3× at best).
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
+
+
+@functools.lru_cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _v_block(B, H, N, device):
+    """V block of the sequential passes (one program per V block per head, walking all chunks):
+    halve it, down to 16, while twice the programs still fit on the SMs at once. On an H200 at
+    q7b-L16k (B1 H28 N128: 56 programs at 64) 32 cuts RWKV7 forward+backward from 23.8 to 17.7
+    ms; at q7b-L4k (224 programs) 32 is 8% slower than 64."""
+    bv, sms = min(N, _BV), _sm_count(device)
+    while bv > 16 and 2 * B * H * (N // bv) <= sms:
+        bv //= 2
+    return bv
 
 
 def _prec(x):
@@ -624,7 +642,7 @@ def _fwd(r, w, k, v, a, b, s0, scale, store):
     dplr = a is not None
     p, q = _pair_matrices(r, w, k, a, b)
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
-    NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV)
+    NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), _v_block(B, H, N, r.device)
     f32 = dict(device=r.device, dtype=torch.float32)
     sT = torch.empty(B, H, N, N, **f32)
     st = torch.empty(B, H, NP, N, N, **f32) if store else None
@@ -643,7 +661,7 @@ def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)
-    NP, bv, bk = triton.cdiv(triton.cdiv(T, _C), 2), min(N, _BV), min(N, _BK)
+    NP, bv, bk = triton.cdiv(triton.cdiv(T, _C), 2), _v_block(B, H, N, r.device), min(N, _BK)
     f32 = dict(device=r.device, dtype=torch.float32)
     dst = torch.empty(B, H, NP, N, N, **f32)            # ∂L/∂S at the end of every pair of chunks
     ds0 = torch.empty(B, H, N, N, **f32)

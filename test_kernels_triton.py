@@ -130,6 +130,30 @@ def test_interp_no_state_head64(variant):
 
 
 @interp
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
+def test_interp_narrow_v_blocks(variant, monkeypatch):
+    """A GPU with many SMs per head narrows the sequential passes' V blocks to 16: N = 64 then
+    runs as four V blocks, each adding its partial K-side gradients."""
+    import kernels
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 10**6)
+    assert kernels._v_block(1, 1, 64, torch.device("cpu")) == 16
+    xs = make_inputs(variant, 1, 20, 1, 64, seed=5)
+    state = torch.randn(1, 1, 64, 64, dtype=F64)
+    assert_errs(run_case(variant, xs, state, torch.float32), 1e-5, f"{variant} V blocks of 16")
+
+
+def test_v_block_rule(monkeypatch):
+    """On an H200 (132 SMs) each BENCHMARKS.md shape gets the V block timed fastest there
+    (docs/results-2xh200/fourth/sweep_bv.txt): 64 when B·H·N/64 programs fill the SMs, else narrower."""
+    import kernels
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    want = {"smol-L512": 64, "smol-L4k": 16, "q7b-L512": 64, "q7b-L4k": 64, "q7b-L16k": 32}
+    for name, bv in want.items():
+        B, T, H, N = kernels.SHAPES[name]
+        assert kernels._v_block(B, H, N, torch.device("cuda")) == bv, name
+
+
+@interp
 def test_interp_head128_split_v():
     """N = 128: two V blocks add their partial K-side gradients."""
     xs = make_inputs("rwkv7", 1, 17, 1, 128, seed=4)
