@@ -363,11 +363,11 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
         if STORE:
             if it % 2 == 0:
                 tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
-        A_qk, A_qb, A_ak, M, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
+        A_qk, A_qb, _, M, _ = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)    # the forward's three
         o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
         Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
         if DPLR:
-            W, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
+            W, _ = _load_wb(q_ptr, ibh, it, NT, C, K)
             u = tl.dot(W, S, input_precision=PREC) + tl.dot(M, v, input_precision=PREC)   # u_i = a_iᵀ S_{i−1}
             o += tl.dot(A_qb, u, input_precision=PREC)
             Snew += tl.dot(tl.trans(bC), u, input_precision=PREC)
@@ -431,10 +431,10 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
         if (it % 2 == 1) | (j == 0):
             tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
         dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
-        A_qk, A_qb, A_ak, M, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)
+        A_qk, _, A_ak, _, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)   # the backward's three
         dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
         if DPLR:
-            W, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
+            _, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
             dz = tl.dot(tl.trans(Mz), dy, input_precision=PREC) + tl.dot(Bm, dS, input_precision=PREC)
             dSprev += tl.dot(tl.trans(a0), dz, input_precision=PREC)
             dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
