@@ -200,6 +200,30 @@ except ImportError:                   # no Triton on this platform: backend="tri
 
 
 @triton.jit
+def _dot(x, y, PREC: tl.constexpr):
+    """x @ y of chunk-local operands, fp32 sums: IEEE fp32, TF32 or (PREC "bf16", "bf16all") bf16
+    products."""
+    if PREC == "bf16" or PREC == "bf16all":
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif PREC == "bf16state":
+        return tl.dot(x, y, input_precision="tf32")
+    else:
+        return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _sdot(x, y, PREC: tl.constexpr):
+    """x @ y with a state operand (S or dS): TF32 for "bf16" (the state keeps its fp32 mantissa
+    to within TF32's), bf16 only for "bf16all"."""
+    if PREC == "bf16all" or PREC == "bf16state":
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif PREC == "bf16":
+        return tl.dot(x, y, input_precision="tf32")
+    else:
+        return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
 def _tril_inverse(A, C: tl.constexpr):
     """(I − A)^{-1} for strictly lower-triangular A (C, C): A is nilpotent (A^C = 0), so
     (I − A)^{-1} = (I + A)(I + A²)(I + A⁴)…; fp32 products in IEEE precision (not TF32)."""
@@ -252,11 +276,11 @@ def _pairs(qp, kn, ap, bn, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constex
     ri = tl.arange(0, C)
     causal = ri[:, None] >= ri[None, :]
     strict = ri[:, None] > ri[None, :]
-    A_qk = tl.where(causal, tl.dot(qp, tl.trans(kn), input_precision=PREC), 0.0)
+    A_qk = tl.where(causal, _dot(qp, tl.trans(kn), PREC), 0.0)
     if DPLR:
-        A_qb = tl.where(causal, tl.dot(qp, tl.trans(bn), input_precision=PREC), 0.0)
-        A_ak = tl.where(strict, tl.dot(ap, tl.trans(kn), input_precision=PREC), 0.0)
-        A_ab = tl.where(strict, tl.dot(ap, tl.trans(bn), input_precision=PREC), 0.0)
+        A_qb = tl.where(causal, _dot(qp, tl.trans(bn), PREC), 0.0)
+        A_ak = tl.where(strict, _dot(ap, tl.trans(kn), PREC), 0.0)
+        A_ab = tl.where(strict, _dot(ap, tl.trans(bn), PREC), 0.0)
         Tm = _tril_inverse(A_ab, C)
     else:
         A_qb = A_qk
@@ -296,11 +320,11 @@ def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.cons
     if DPLR:
         tl.store(p + C * C, A_qb)
         tl.store(p + 2 * C * C, A_ak)
-        tl.store(p + 3 * C * C, tl.dot(Tm, A_ak, input_precision=PREC))
-        tl.store(p + 4 * C * C, tl.dot(A_qb, Tm, input_precision=PREC))
+        tl.store(p + 3 * C * C, _dot(Tm, A_ak, PREC))
+        tl.store(p + 4 * C * C, _dot(A_qb, Tm, PREC))
         q = q_ptr + chunk * 2 * C * K + ri[:, None] * K + ck[None, :]
-        tl.store(q, tl.dot(Tm, a0, input_precision=PREC))
-        tl.store(q + C * K, tl.dot(tl.trans(Tm), bC, input_precision=PREC))
+        tl.store(q, _dot(Tm, a0, PREC))
+        tl.store(q + C * K, _dot(tl.trans(Tm), bC, PREC))
 
 
 @triton.jit
@@ -364,13 +388,13 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
             if it % 2 == 0:
                 tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
         A_qk, A_qb, _, M, _ = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)    # the forward's three
-        o = tl.dot(r0, S, input_precision=PREC) + tl.dot(A_qk, v, input_precision=PREC)
-        Snew = tl.exp(gC)[:, None] * S + tl.dot(tl.trans(kC), v, input_precision=PREC)
+        o = _sdot(r0, S, PREC) + _dot(A_qk, v, PREC)
+        Snew = tl.exp(gC)[:, None] * S + _dot(tl.trans(kC), v, PREC)
         if DPLR:
             W, _ = _load_wb(q_ptr, ibh, it, NT, C, K)
-            u = tl.dot(W, S, input_precision=PREC) + tl.dot(M, v, input_precision=PREC)   # u_i = a_iᵀ S_{i−1}
-            o += tl.dot(A_qb, u, input_precision=PREC)
-            Snew += tl.dot(tl.trans(bC), u, input_precision=PREC)
+            u = _sdot(W, S, PREC) + _dot(M, v, PREC)   # u_i = a_iᵀ S_{i−1}
+            o += _dot(A_qb, u, PREC)
+            Snew += _dot(tl.trans(bC), u, PREC)
             if STORE:
                 tl.store(u_ptr + offv, u, mask=m)
         tl.store(y_ptr + offv, (o * scale).to(y_ptr.dtype.element_ty), mask=m)
@@ -430,14 +454,14 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
         if (it % 2 == 1) | (j == 0):
             tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
-        dSprev = tl.exp(gC)[:, None] * dS + tl.dot(tl.trans(r0), dy, input_precision=PREC)
+        dSprev = tl.exp(gC)[:, None] * dS + _dot(tl.trans(r0), dy, PREC)
         A_qk, _, A_ak, _, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)   # the backward's three
-        dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC) + tl.dot(kC, dS, input_precision=PREC)
+        dv = _dot(tl.trans(A_qk), dy, PREC) + _sdot(kC, dS, PREC)
         if DPLR:
             _, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
-            dz = tl.dot(tl.trans(Mz), dy, input_precision=PREC) + tl.dot(Bm, dS, input_precision=PREC)
-            dSprev += tl.dot(tl.trans(a0), dz, input_precision=PREC)
-            dv += tl.dot(tl.trans(A_ak), dz, input_precision=PREC)
+            dz = _dot(tl.trans(Mz), dy, PREC) + _sdot(Bm, dS, PREC)
+            dSprev += _dot(tl.trans(a0), dz, PREC)
+            dv += _dot(tl.trans(A_ak), dz, PREC)
             tl.store(dz_ptr + offv, dz, mask=m)
         tl.store(dv_ptr + offv, dv.to(dv_ptr.dtype.element_ty), mask=m)
         dS = dSprev
@@ -455,14 +479,14 @@ def _state_step(X, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_p
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     if BACK:
         x = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
-        X = tl.exp(gC)[:, None] * X + tl.dot(tl.trans(r0), x, input_precision=PREC)
+        X = tl.exp(gC)[:, None] * X + _dot(tl.trans(r0), x, PREC)
         if DPLR:
-            X += tl.dot(tl.trans(a0), tl.load(dz_ptr + offv, mask=m, other=0.0), input_precision=PREC)
+            X += _dot(tl.trans(a0), tl.load(dz_ptr + offv, mask=m, other=0.0), PREC)
     else:
         x = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-        X = tl.exp(gC)[:, None] * X + tl.dot(tl.trans(kC), x, input_precision=PREC)
+        X = tl.exp(gC)[:, None] * X + _dot(tl.trans(kC), x, PREC)
         if DPLR:
-            X += tl.dot(tl.trans(bC), tl.load(u_ptr + offv, mask=m, other=0.0), input_precision=PREC)
+            X += _dot(tl.trans(bC), tl.load(u_ptr + offv, mask=m, other=0.0), PREC)
     return X
 
 
@@ -482,31 +506,31 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
     dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)   # dŶ (see _dstate_kernel)
     g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    vdS = tl.dot(v, tl.trans(dS), input_precision=PREC)                 # [i, d] = v_i · dS_d
+    vdS = _sdot(v, tl.trans(dS), PREC)                 # [i, d] = v_i · dS_d
     c = tl.exp(gC) * tl.sum(S0 * dS, axis=1) + tl.sum(kC * vdS, axis=0)  # rowsum(S_C ⊙ dS)
-    dyv = tl.dot(dy, tl.trans(v), input_precision=PREC)                 # [i, j] = dŷ_i · v_j
-    dr = tl.exp(gam) * tl.dot(dy, tl.trans(S0), input_precision=PREC) + tl.exp(gam - ref[None, :]) * \
-        tl.dot(tl.where(causal, dyv, 0.0), kn, input_precision=PREC)
+    dyv = _dot(dy, tl.trans(v), PREC)                 # [i, j] = dŷ_i · v_j
+    dr = tl.exp(gam) * _sdot(dy, tl.trans(S0), PREC) + tl.exp(gam - ref[None, :]) * \
+        _dot(tl.where(causal, dyv, 0.0), kn, PREC)
     dk = tl.exp(gC[None, :] - gam) * vdS
-    dkin = tl.dot(tl.where(upper, tl.trans(dyv), 0.0), qp, input_precision=PREC)
+    dkin = _dot(tl.where(upper, tl.trans(dyv), 0.0), qp, PREC)
     if DPLR:
         u = tl.load(u_ptr + offv, mask=m, other=0.0)
         dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
-        udS = tl.dot(u, tl.trans(dS), input_precision=PREC)
+        udS = _sdot(u, tl.trans(dS), PREC)
         c += tl.sum(bC * udS, axis=0)
-        dyu = tl.dot(dy, tl.trans(u), input_precision=PREC)             # [i, j] = dŷ_i · u_j
-        dzv = tl.dot(dz, tl.trans(v), input_precision=PREC)             # [i, j] = dz_i · v_j
-        dzu = tl.dot(dz, tl.trans(u), input_precision=PREC)             # [i, j] = dz_i · u_j
-        dr += tl.exp(gam - ref[None, :]) * tl.dot(tl.where(causal, dyu, 0.0), bn, input_precision=PREC)
-        dkin += tl.dot(tl.where(supper, tl.trans(dzv), 0.0), ap, input_precision=PREC)
+        dyu = _dot(dy, tl.trans(u), PREC)             # [i, j] = dŷ_i · u_j
+        dzv = _dot(dz, tl.trans(v), PREC)             # [i, j] = dz_i · v_j
+        dzu = _dot(dz, tl.trans(u), PREC)             # [i, j] = dz_i · u_j
+        dr += tl.exp(gam - ref[None, :]) * _dot(tl.where(causal, dyu, 0.0), bn, PREC)
+        dkin += _dot(tl.where(supper, tl.trans(dzv), 0.0), ap, PREC)
         db = tl.exp(gC[None, :] - gam) * udS + \
             tl.exp(ref[None, :] - gam) * (
-                tl.dot(tl.where(upper, tl.trans(dyu), 0.0), qp, input_precision=PREC)
-                + tl.dot(tl.where(supper, tl.trans(dzu), 0.0), ap, input_precision=PREC))
-        da = tl.exp(gam - g) * tl.dot(dz, tl.trans(S0), input_precision=PREC) + \
+                _dot(tl.where(upper, tl.trans(dyu), 0.0), qp, PREC)
+                + _dot(tl.where(supper, tl.trans(dzu), 0.0), ap, PREC))
+        da = tl.exp(gam - g) * _sdot(dz, tl.trans(S0), PREC) + \
             tl.exp(gam - g - ref[None, :]) * (
-                tl.dot(tl.where(strict, dzv, 0.0), kn, input_precision=PREC)
-                + tl.dot(tl.where(strict, dzu, 0.0), bn, input_precision=PREC))
+                _dot(tl.where(strict, dzv, 0.0), kn, PREC)
+                + _dot(tl.where(strict, dzu, 0.0), bn, PREC))
     dk += tl.exp(ref[None, :] - gam) * dkin
     x = r * dr - k * dk
     if DPLR:
@@ -594,6 +618,7 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
 # channels 2.3× at best).
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
+_BF16_DOTS = 0      # experiment (GPU only): 1 all dots bf16, 2 chunk-local dots bf16, 3 state dots bf16
 
 
 @functools.lru_cache
@@ -615,7 +640,9 @@ def _v_block(B, H, N, device):
 def _prec(x):
     """Dot precision: TF32 tensor cores for 16-bit inputs (their own rounding dominates: ~3e-3),
     IEEE fp32 for fp32 inputs (~1e-6, slower) and in the interpreter."""
-    return "tf32" if x.is_cuda and x.dtype != torch.float32 else "ieee"
+    if x.is_cuda and x.dtype != torch.float32:
+        return ("tf32", "bf16all", "bf16", "bf16state")[_BF16_DOTS]
+    return "ieee"
 
 
 def _pair_matrices(r, w, k, a, b):
