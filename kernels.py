@@ -200,25 +200,33 @@ except ImportError:                   # no Triton on this platform: backend="tri
 
 
 @triton.jit
+def _bf16(x):
+    """x rounded to bf16 (to nearest, ties to even) and held in fp32: the interpreter's stand-in for
+    bf16 tensor-core products, which are exact in fp32 once the operands are bf16."""
+    u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(x, y, PREC: tl.constexpr):
-    """x @ y of chunk-local operands, fp32 sums: IEEE fp32, TF32 or (PREC "bf16", "bf16all") bf16
-    products."""
-    if PREC == "bf16" or PREC == "bf16all":
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    elif PREC == "bf16state":
-        return tl.dot(x, y, input_precision="tf32")
+    """x @ y of chunk-local operands, fp32 sums: TF32 products for 16-bit inputs on a GPU, IEEE fp32
+    otherwise."""
+    if PREC == "emu":
+        return tl.dot(x, y, input_precision="ieee")
     else:
         return tl.dot(x, y, input_precision=PREC)
 
 
 @triton.jit
 def _sdot(x, y, PREC: tl.constexpr):
-    """x @ y with a state operand (S or dS): TF32 for "bf16" (the state keeps its fp32 mantissa
-    to within TF32's), bf16 only for "bf16all"."""
-    if PREC == "bf16all" or PREC == "bf16state":
+    """x @ y with a state operand (S or dS, rows × V): bf16 products for 16-bit inputs (emulated
+    with bf16-rounded operands in the interpreter), IEEE fp32 for fp32 inputs. These are most of
+    the kernels' tensor-core time; the chunk-local products stay TF32, where bf16 would cost
+    accuracy (H200: RWKV6 d log w 1.2e-2 instead of 3.4e-3)."""
+    if PREC == "tf32":
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    elif PREC == "bf16":
-        return tl.dot(x, y, input_precision="tf32")
+    elif PREC == "emu":
+        return tl.dot(_bf16(x), _bf16(y), input_precision="ieee")
     else:
         return tl.dot(x, y, input_precision=PREC)
 
@@ -618,7 +626,6 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
 # channels 2.3× at best).
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
-_BF16_DOTS = 0      # experiment (GPU only): 1 all dots bf16, 2 chunk-local dots bf16, 3 state dots bf16
 
 
 @functools.lru_cache
@@ -638,11 +645,12 @@ def _v_block(B, H, N, device):
 
 
 def _prec(x):
-    """Dot precision: TF32 tensor cores for 16-bit inputs (their own rounding dominates: ~3e-3),
-    IEEE fp32 for fp32 inputs (~1e-6, slower) and in the interpreter."""
-    if x.is_cuda and x.dtype != torch.float32:
-        return ("tf32", "bf16all", "bf16", "bf16state")[_BF16_DOTS]
-    return "ieee"
+    """Product precision, see _dot and _sdot: "tf32" for 16-bit inputs on a GPU (their own rounding
+    dominates: ~3e-3), "emu" for 16-bit inputs in the interpreter (its bf16 dots are wrong), "ieee"
+    for fp32 inputs (~1e-6, slower)."""
+    if x.dtype == torch.float32:
+        return "ieee"
+    return "tf32" if x.is_cuda else "emu"
 
 
 def _pair_matrices(r, w, k, a, b):

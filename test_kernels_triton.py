@@ -174,11 +174,23 @@ def test_interp_strong_decay(variant):
 @interp
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
 def test_interp_bf16_inputs(variant):
-    """bf16 inputs (math still fp32: no bf16 dot is involved) exercise the dtype conversions and
-    the bf16 chunk states; the bound is the inputs' own bf16 rounding."""
+    """bf16 inputs at N = 16 with a chunk tail (T = 70): the dtype conversions and the emulated
+    bf16 products; the bound is the inputs' own bf16 rounding."""
     xs = make_inputs(variant, 1, 70, 2, 16, seed=9)
     state = torch.randn(1, 2, 16, 16, dtype=F64)
     assert_errs(run_case(variant, xs, state, torch.bfloat16), 2e-2, f"{variant} bf16 inputs")
+
+
+@interp
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
+def test_interp_bf16_products(variant):
+    """bf16 inputs take bf16 products with the states (emulated exactly in the interpreter) and
+    TF32-or-better chunk-local ones: every error stays at the inputs' own rounding (~4e-3 here).
+    Rounding the chunk-local products to bf16 as well gives 6.5e-3 (RWKV7 da) and 1.0e-2 (RWKV6
+    d log w) on these inputs, and fails."""
+    xs = make_inputs(variant, 2, 100, 3, 32, seed=7)
+    state = torch.randn(2, 3, 32, 32, dtype=F64)
+    assert_errs(run_case(variant, xs, state, torch.bfloat16), 6e-3, f"{variant} bf16 products")
 
 
 @interp
