@@ -84,3 +84,10 @@ class RadladsForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:        # next-token cross-entropy, -100 ignored
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         return RadladsCausalLMOutput(loss=loss, logits=logits, state=state)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Carry `state` from one generate() step to the next, as transformers' RWKV model does:
+        since transformers 5 generate() carries only a cache named `cache` by itself."""
+        if outputs.get("state") is not None:
+            model_kwargs["state"] = outputs.state
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
