@@ -172,10 +172,11 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # of every other chunk and RWKV7's u). Backward: _dstate_kernel, the reverse
 # sequential pass (stores ∂L/∂S at the end of every other chunk, writes dV and RWKV7's dz as it
 # goes), then _grad_kernel, the K-side gradients of all pairs of chunks in parallel. Decode:
-# _step_kernel. Math in fp32 (inputs of any float dtype are converted on load), TF32 tensor-core
-# dots for 16-bit inputs on GPU (IEEE fp32 dots for fp32 inputs), the triangular inverse in IEEE
-# fp32. Saved for backward: the inputs, the pair matrices, the fp32 states of every other chunk
-# and u; everything else is recomputed.
+# _step_kernel. Math in fp32 (inputs of any float dtype are converted on load); for 16-bit inputs
+# on a GPU the tensor-core products with a state operand take bf16 operands and the chunk-local
+# ones TF32 (_sdot, _dot; IEEE fp32 for fp32 inputs), the triangular inverse in IEEE fp32. Saved
+# for backward: the inputs, the pair matrices, the fp32 states of every other chunk and u;
+# everything else is recomputed.
 try:
     import triton
     import triton.language as tl
