@@ -5,9 +5,11 @@
 On CPU the kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET once, when it is
 imported, so `test_interpreter` re-runs this file in a subprocess with TRITON_INTERPRET=1 (other
 test files in the same pytest process keep a normal Triton); the `interp` tests run only there.
-The interpreter's fp32 `tl.dot` is exact (its bf16 dot is wrong), so those tests are fp32 with
-tight tolerances. On CUDA, `test_gpu_*` checks bf16 and fp32 (TF32 dots) and prints fla's
-errors on the same inputs next to ours when fla is importable.
+The interpreter's fp32 `tl.dot` is exact (its bf16 dot is wrong, and its fp32 -> bf16 conversion
+truncates where a GPU rounds to nearest), so most of those tests are fp32 with tight tolerances;
+`test_interp_bf16_products` runs 16-bit inputs with the GPU's bf16 products emulated exactly. On
+CUDA, `test_gpu_*` checks bf16, fp16 and fp32 inputs and prints fla's errors on the same inputs
+next to ours when fla is importable.
 Errors are relative RMS ‖x − ref‖ / ‖ref‖ in fp64, printed per tensor.
 """
 import os
@@ -249,8 +251,8 @@ def fla_errs(variant, xs, state, dtype):
 @pytest.mark.parametrize("dtype,N", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128),
                                      (torch.float32, 128), (torch.float16, 128)])
 def test_gpu_vs_oracle(variant, dtype, N):
-    """fp32 inputs run IEEE fp32 dots (~1e-6); 16-bit inputs run TF32 dots and add their own
-    rounding (~3e-3). fla's errors on the same inputs are printed for N = 64 (its cold
+    """fp32 inputs run IEEE fp32 dots (~1e-6); 16-bit inputs run bf16 products with the states and
+    TF32 chunk-local ones, and add their own rounding (~3e-3). fla's errors on the same inputs are printed for N = 64 (its cold
     autotuning is slow)."""
     xs = make_inputs(variant, 2, 300, 3, N, seed=7, device="cuda")
     state = torch.randn(2, 3, N, N, dtype=F64, device="cuda")
