@@ -524,9 +524,6 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
         dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
         udS = _sdot(u, tl.trans(dS), PREC)
         zS = _sdot(dz, tl.trans(S0), PREC)
-    else:
-        u = v
-        dz = dy
     ri = tl.arange(0, C)
     causal = ri[:, None] >= ri[None, :]                               # j ≤ i
     strict = ri[:, None] > ri[None, :]                                # j < i
@@ -535,11 +532,6 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
         Yu = tl.where(causal, _dot(dy, tl.trans(u), PREC), 0.0)
         Zv = tl.where(strict, _dot(dz, tl.trans(v), PREC), 0.0)
         Zu = tl.where(strict, _dot(dz, tl.trans(u), PREC), 0.0)
-    else:
-        Yu = Yv
-        Zv = Yv
-        Zu = Yv
-    if DPLR:
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     c = tl.exp(gC) * sdS + tl.sum(kC * vdS, axis=0)  # rowsum(S_C ⊙ dS)
