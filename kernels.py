@@ -169,14 +169,14 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # ---------------------------------------------------------------------------------------------
 # Forward: _pairs_kernel, the S-free C×C matrices of all chunks in parallel, then _fwd_kernel,
 # one sequential pass over the chunks that writes Y as it goes (and, when a backward follows, S₀
-# of every other chunk and RWKV7's u). Backward: _dstate_kernel, the reverse
-# sequential pass (stores ∂L/∂S at the end of every other chunk, writes dV and RWKV7's dz as it
-# goes), then _grad_kernel, the K-side gradients of all pairs of chunks in parallel. Decode:
-# _step_kernel. Math in fp32 (inputs of any float dtype are converted on load); for 16-bit inputs
+# of every chunk and RWKV7's u). Backward: _dstate_kernel, the reverse sequential pass (stores
+# ∂L/∂S at the end of every chunk, writes dV and RWKV7's dz as it goes), then _vpairs_kernel, the
+# V-side C×C matrices of all chunks in parallel, and _grad_kernel, the K-side gradients of all
+# chunks in parallel. Decode: _step_kernel. Math in fp32 (inputs of any float dtype are converted on load); for 16-bit inputs
 # on a GPU the tensor-core products with a state operand take bf16 operands and the chunk-local
 # ones TF32 (_sdot, _dot; IEEE fp32 for fp32 inputs), the triangular inverse in IEEE fp32. Saved
-# for backward: the inputs, the pair matrices, the fp32 states of every other chunk and u;
-# everything else is recomputed.
+# for backward: the inputs, the pair matrices, the states of every chunk (bf16 for 16-bit inputs,
+# _state_dtype) and u; everything else is recomputed.
 try:
     import triton
     import triton.language as tl
@@ -230,6 +230,15 @@ def _sdot(x, y, PREC: tl.constexpr):
         return tl.dot(_bf16(x), _bf16(y), input_precision="ieee")
     else:
         return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _to_state(x, ptr, PREC: tl.constexpr):
+    """x in the dtype of the saved chunk states at ptr (_state_dtype), rounded to nearest even: the
+    interpreter's own fp32 -> bf16 conversion truncates, so it is rounded first there."""
+    if PREC == "emu":
+        x = _bf16(x)
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -372,15 +381,13 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
         u = T (a₀ S₀ + A_ak V) = W S₀ + M V  (DPLR only; W, M from _pairs_kernel).
     The output terms hang off the S₀ → S_C chain and overlap it, instead of a second kernel
     re-reading every chunk state (2.1× faster forward at q7b-L4k on an H100). Writes the final
-    state to sT; when STORE (a backward follows) also S₀ of every even chunk 2p at st[p] (the
-    odd ones are recomputed in _grad_kernel: half the memory) and, for DPLR, u (token-major like
-    V, fp32) for _grad_kernel."""
+    state to sT; when STORE (a backward follows) also S₀ of every chunk at st[chunk] (_state_dtype)
+    and, for DPLR, u (token-major like V, fp32) for _grad_kernel."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
     ih = ibh % H
     NT = tl.cdiv(T, C)
-    NP = tl.cdiv(NT, 2)
     ck = tl.arange(0, K)
     cv = iv * BV + tl.arange(0, BV)
     kv = ck[:, None] * V + cv[None, :]                                    # (K, BV) in one [K, V] state
@@ -394,8 +401,7 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
         if STORE:
-            if it % 2 == 0:
-                tl.store(st_ptr + (ibh * NP + it // 2) * K * V + kv, S)
+            tl.store(st_ptr + (ibh * NT + it) * K * V + kv, _to_state(S, st_ptr, PREC))
         A_qk, A_qb, _, M, _ = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)    # the forward's three
         o = _sdot(r0, S, PREC) + _dot(A_qk, v, PREC)
         Snew = tl.exp(gC)[:, None] * S + _dot(tl.trans(kC), v, PREC)
@@ -427,9 +433,11 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
 # dV and dz need only chunk-local terms and dS, so the reverse pass writes them; dR, dK, dA, dB,
 # dg need S₀ as well and are per key channel (sums over V, no K-contraction): _grad_kernel takes
 # blocks of key channels with the whole V row, so no partial sums are added across programs.
-# Both passes store one state per pair of chunks (S₀ of the first, dS at the end of the second);
-# _grad_kernel recomputes the state between them, forward for S and backward for dS — each row of
-# a block of key channels needs only its own rows (S_C and dS₀ above are row-wise in K).
+# Both passes store a state for every chunk (S₀, and dS at its end) in bf16 for 16-bit inputs:
+# the products that read them take bf16 operands anyway (_sdot), so only c's rowsum(S₀ ⊙ dS)
+# sees the rounding, and the bytes are those of fp32 states for every other chunk, which the
+# kernels kept before and recomputed the one between in _grad_kernel: RWKV7 forward+backward at
+# q7b-L4k went 11.8 → 9.4 ms without that recomputation (docs/results-2xh200/sixth/ab.txt).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -438,7 +446,7 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
                    dv_ptr, dz_ptr, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
-    stores dS (gradient of chunk n's end state) for every odd n and the last chunk at dst[n // 2],
+    stores dS (gradient of chunk n's end state) at dst[n] (_state_dtype),
     writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz and (DPLR) dz (fp32, token-major like V) off the dS
     chain, then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
     iv = tl.program_id(0)
@@ -446,7 +454,6 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
     ib = ibh // H
     ih = ibh % H
     NT = tl.cdiv(T, C)
-    NP = tl.cdiv(NT, 2)
     ck = tl.arange(0, K)
     cv = iv * BV + tl.arange(0, BV)
     kv = ck[:, None] * V + cv[None, :]
@@ -461,8 +468,7 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
         dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-        if (it % 2 == 1) | (j == 0):
-            tl.store(dst_ptr + (ibh * NP + it // 2) * K * V + kv, dS)
+        tl.store(dst_ptr + (ibh * NT + it) * K * V + kv, _to_state(dS, dst_ptr, PREC))
         dSprev = tl.exp(gC)[:, None] * dS + _dot(tl.trans(r0), dy, PREC)
         A_qk, _, A_ak, _, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)   # the backward's three
         dv = _dot(tl.trans(A_qk), dy, PREC) + _sdot(kC, dS, PREC)
@@ -477,36 +483,41 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
     tl.store(ds0_ptr + ibh * K * V + kv, dS)
 
 
-@triton.jit
-def _state_step(X, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, it, T, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
-                BACK: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
-    """One chunk `it` of the forward pass, X = S₀ → S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u, or with BACK
-    of the reverse pass, X = dS → dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz, for the rows ck of the state."""
-    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
-    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    if BACK:
-        x = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
-        X = tl.exp(gC)[:, None] * X + _dot(tl.trans(r0), x, PREC)
-        if DPLR:
-            X += _dot(tl.trans(a0), tl.load(dz_ptr + offv, mask=m, other=0.0), PREC)
-    else:
-        x = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-        X = tl.exp(gC)[:, None] * X + _dot(tl.trans(kC), x, PREC)
-        if DPLR:
-            X += _dot(tl.trans(bC), tl.load(u_ptr + offv, mask=m, other=0.0), PREC)
-    return X
+@triton.jit(do_not_specialize=["T"])
+def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constexpr, V: tl.constexpr,
+                   C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
+    """The V-side pair matrices of every chunk, one program per (chunk, batch·head), into pv[chunk]:
+        Y_v = tril(dŶ Vᵀ)   and for RWKV7   Y_u = tril(dŶ uᵀ), Z_v = stril(dz Vᵀ), Z_u = stril(dz uᵀ).
+    They are sums over all V, the same for every block of key channels: _grad_kernel loads them
+    instead of computing them once per key block."""
+    it = tl.program_id(0)
+    ibh = tl.program_id(1).to(tl.int64)
+    cv = tl.arange(0, V)
+    m, _, offv = _chunk_offsets(ibh // H, ibh % H, it, T, H, V, V, C, cv, cv)
+    v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
+    dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
+    ri = tl.arange(0, C)
+    causal = ri[:, None] >= ri[None, :]
+    strict = ri[:, None] > ri[None, :]
+    p = pv_ptr + (ibh * tl.cdiv(T, C) + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    tl.store(p, tl.where(causal, _dot(dy, tl.trans(v), PREC), 0.0))
+    if DPLR:
+        u = tl.load(u_ptr + offv, mask=m, other=0.0)
+        dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
+        tl.store(p + C * C, tl.where(causal, _dot(dy, tl.trans(u), PREC), 0.0))
+        tl.store(p + 2 * C * C, tl.where(strict, _dot(dz, tl.trans(v), PREC), 0.0))
+        tl.store(p + 3 * C * C, tl.where(strict, _dot(dz, tl.trans(u), PREC), 0.0))
 
 
 @triton.jit
-def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
+def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
                  dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, it, T, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
                  DPLR: tl.constexpr, PREC: tl.constexpr):
     """dR, dK, dA, dB, dg of chunk `it` for the key channels ck, from its S₀ and dS (rows ck).
     The V-side terms come first (the products with S₀ and dS, and the pair matrices
-    Y· = tril(dŶ ·ᵀ), Z· = stril(dz ·ᵀ)), so their operands are dead before the key side is loaded."""
+    Y· = tril(dŶ ·ᵀ), Z· = stril(dz ·ᵀ) from _vpairs_kernel), so their operands are dead before the
+    key side is loaded."""
     m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
     # Where the key side is loaded is a register-pressure choice (H200, q7b-L4k, one process):
     # RWKV7 loads it after the V side, which cut _grad_kernel from 7.7 to 6.5 ms; RWKV6, with
@@ -525,13 +536,12 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
         udS = _sdot(u, tl.trans(dS), PREC)
         zS = _sdot(dz, tl.trans(S0), PREC)
     ri = tl.arange(0, C)
-    causal = ri[:, None] >= ri[None, :]                               # j ≤ i
-    strict = ri[:, None] > ri[None, :]                                # j < i
-    Yv = tl.where(causal, _dot(dy, tl.trans(v), PREC), 0.0)
+    p = pv_ptr + ((ib * H + ih) * tl.cdiv(T, C) + it) * (4 if DPLR else 1) * C * C + ri[:, None] * C + ri[None, :]
+    Yv = tl.load(p)                                                   # from _vpairs_kernel
     if DPLR:
-        Yu = tl.where(causal, _dot(dy, tl.trans(u), PREC), 0.0)
-        Zv = tl.where(strict, _dot(dz, tl.trans(v), PREC), 0.0)
-        Zu = tl.where(strict, _dot(dz, tl.trans(u), PREC), 0.0)
+        Yu = tl.load(p + C * C)
+        Zv = tl.load(p + 2 * C * C)
+        Zu = tl.load(p + 3 * C * C)
         g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
             r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     c = tl.exp(gC) * sdS + tl.sum(kC * vdS, axis=0)  # rowsum(S_C ⊙ dS)
@@ -563,34 +573,25 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
 
 
 @triton.jit(do_not_specialize=["T"])
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr,
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
                  dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                  DPLR: tl.constexpr, PREC: tl.constexpr):
     """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
-    (pair of chunks 2p, 2p + 1, K block, batch·head), all in parallel, from S₀ of chunk 2p (st[p]),
-    dS at the end of chunk 2p + 1 (dst[p]), the forward's u and the reverse pass's dz; the state
-    between the two chunks is recomputed both ways. Written in the gradients' dtypes. A chunk
-    past T (the second of the last pair when the count is odd) is all masked: nothing is written."""
-    ip = tl.program_id(0)
+    (chunk, K block, batch·head), all in parallel, from the chunk's S₀ (st) and the dS at its end
+    (dst), the forward's u and the reverse pass's dz. Written in the gradients' dtypes."""
+    it = tl.program_id(0)
     ik = tl.program_id(1)
     ibh = tl.program_id(2).to(tl.int64)
-    ib = ibh // H
-    ih = ibh % H
-    NP = tl.cdiv(tl.cdiv(T, C), 2)
+    NT = tl.cdiv(T, C)
     ck = ik * BK + tl.arange(0, BK)
     cv = tl.arange(0, V)
     kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
-    S0 = tl.load(st_ptr + (ibh * NP + ip) * K * V + kv)                # S₀ of chunk 2p
-    dS1 = tl.load(dst_ptr + (ibh * NP + ip) * K * V + kv)              # dS at the end of chunk 2p + 1
-    dS0 = _state_step(dS1, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, 2 * ip + 1,
-                      T, scale, H, K, V, C, ck, cv, True, DPLR, PREC)   # dS at the end of chunk 2p
-    _chunk_grads(S0, dS0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
-    S1 = _state_step(S0, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, ib, ih, 2 * ip,
-                     T, scale, H, K, V, C, ck, cv, False, DPLR, PREC)   # S₀ of chunk 2p + 1
-    _chunk_grads(S1, dS1, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, 2 * ip + 1, T, scale, H, K, V, C, ck, cv, DPLR, PREC)
+    S0 = tl.load(st_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ibh // H, ibh % H, it, T, scale, H, K, V, C, ck, cv,
+                 DPLR, PREC)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -629,7 +630,8 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
 # sequential passes take V blocks of 64 with 4 warps (8 warps: 1.7× slower forward); _v_block
 # narrows the blocks when few heads would leave most SMs idle. _grad_kernel takes 32 key channels
 # × the whole V row with 4 warps (2 or 8 warps: 1.6-1.7× slower there; 64 channels 1.5×; 16
-# channels 2.3× at best).
+# channels 2.3× at best, and still 1.3× with the V-side pair matrices precomputed,
+# docs/results-2xh200/sixth/ab.txt).
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
 
@@ -659,6 +661,12 @@ def _prec(x):
     return "tf32" if x.is_cuda else "emu"
 
 
+def _state_dtype(x):
+    """dtype of the chunk states kept for the backward: bf16 for 16-bit inputs (the products that
+    read them take bf16 operands anyway, _sdot), fp32 for fp32 inputs."""
+    return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+
+
 def _pair_matrices(r, w, k, a, b):
     """_pairs_kernel launch: p (B, H, NT, NM, C, C) fp32, NM = 5 for RWKV7 (A_qk, A_qb, A_ak, M,
     M_z), 1 for RWKV6 (A_qk); q (B, H, NT, 2, C, N) fp32 (W, B) for RWKV7, p for RWKV6 (unread).
@@ -677,16 +685,16 @@ def _pair_matrices(r, w, k, a, b):
 
 def _fwd(r, w, k, v, a, b, s0, scale, store):
     """Forward launches. Returns y (r's dtype), S_T (fp32) and, when store, the pair matrices p
-    (_pair_matrices), the chunk states st (B, H, NP, N, N) fp32, NP = ⌈NT / 2⌉ pairs of chunks,
-    st[:, :, p] = S₀ of chunk 2p, and (RWKV7) u (B, T, H, N) fp32 (else None)."""
+    (_pair_matrices), the chunk states st (B, H, NT, N, N) in _state_dtype, st[:, :, n] = S₀ of
+    chunk n, and (RWKV7) u (B, T, H, N) fp32 (else None)."""
     B, T, H, N = r.shape
     dplr = a is not None
     p, q = _pair_matrices(r, w, k, a, b)
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
-    NP, bv = triton.cdiv(triton.cdiv(T, _C), 2), _v_block(B, H, N, r.device)
+    NT, bv = triton.cdiv(T, _C), _v_block(B, H, N, r.device)
     f32 = dict(device=r.device, dtype=torch.float32)
     sT = torch.empty(B, H, N, N, **f32)
-    st = torch.empty(B, H, NP, N, N, **f32) if store else None
+    st = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r)) if store else None
     u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
     _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, sT if s0 is None else s0, sT if st is None else st, sT, y,
@@ -702,18 +710,22 @@ def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)
-    NP, bv, bk = triton.cdiv(triton.cdiv(T, _C), 2), _v_block(B, H, N, r.device), min(N, _BK)
+    NT, bv, bk = triton.cdiv(T, _C), _v_block(B, H, N, r.device), min(N, _BK)
     f32 = dict(device=r.device, dtype=torch.float32)
-    dst = torch.empty(B, H, NP, N, N, **f32)            # ∂L/∂S at the end of every pair of chunks
+    dst = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r))   # ∂L/∂S at every chunk's end
     ds0 = torch.empty(B, H, N, N, **f32)
     dv = torch.empty_like(v)
     dz = torch.empty(B, T, H, N, **f32) if dplr else dv
     _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
                                      scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3], DPLR=dplr,
                                      HAS_DST=dsT is not None, PREC=_prec(r), num_warps=_WARPS_SEQ)
+    nm = 4 if dplr else 1
+    pv = torch.empty(B, H, NT, nm, _C, _C, **f32)
+    _vpairs_kernel[(NT, B * H)](v, dy, dv if u is None else u, dz, pv, T, scale, H=H, V=N, C=_C, NM=nm, DPLR=dplr,
+                                PREC=_prec(r), num_warps=_WARPS_SEQ)
     dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
     da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
-    _grad_kernel[(NP, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz,
+    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz, pv,
                                        dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, DPLR=dplr,
                                        PREC=_prec(r), num_warps=_WARPS_PAR)
     return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
@@ -721,7 +733,7 @@ def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
 
 class _TritonAttn(torch.autograd.Function):
     """(r, log_w, k, v, a, b, S_0, scale) -> (y, S_T) through the chunked kernels; a = b = None
-    for RWKV6, S_0 = None for zeros. Saves the inputs, the fp32 chunk states and (RWKV7) u."""
+    for RWKV6, S_0 = None for zeros. Saves the inputs, the chunk states and (RWKV7) u."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, scale):

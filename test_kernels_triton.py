@@ -115,7 +115,7 @@ interp = pytest.mark.skipif(not INTERP, reason="runs inside test_interpreter's T
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 40, 64, 300])
 def test_interp_any_T(variant, T):
     """Every T around the chunk (16), an odd (40: 3 chunks) and an even (64: 4) count of chunks
-    (the backward keeps one state per pair), and a long one, with an initial state: outputs, final
+    (odd and even chunk counts), and a long one, with an initial state: outputs, final
     state, every input gradient and the initial state's gradient."""
     B, H, N = (1, 1, 16) if T == 300 else (2, 2, 16)
     xs = make_inputs(variant, B, T, H, N, seed=T)
