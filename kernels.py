@@ -172,11 +172,11 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # of every chunk and RWKV7's u). Backward: _dstate_kernel, the reverse sequential pass (stores
 # ∂L/∂S at the end of every chunk, writes dV and RWKV7's dz as it goes), then _vpairs_kernel, the
 # V-side C×C matrices of all chunks in parallel, and _grad_kernel, the K-side gradients of all
-# chunks in parallel. Decode: _step_kernel. Math in fp32 (inputs of any float dtype are converted on load); for 16-bit inputs
-# on a GPU the tensor-core products with a state operand take bf16 operands and the chunk-local
-# ones TF32 (_sdot, _dot; IEEE fp32 for fp32 inputs), the triangular inverse in IEEE fp32. Saved
-# for backward: the inputs, the pair matrices, the states of every chunk (bf16 for 16-bit inputs,
-# _state_dtype) and u; everything else is recomputed.
+# chunks in parallel. Decode: _step_kernel. Math in fp32 (inputs of any float dtype are converted
+# on load); for 16-bit inputs on a GPU the tensor-core products with a state operand take bf16
+# operands and the chunk-local ones TF32 (_sdot, _dot; IEEE fp32 for fp32 inputs), the triangular
+# inverse in IEEE fp32. Saved for backward: the inputs, the pair matrices, the states of every
+# chunk (bf16 for 16-bit inputs, _state_dtype) and u; everything else is recomputed.
 try:
     import triton
     import triton.language as tl
@@ -435,9 +435,9 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
 # blocks of key channels with the whole V row, so no partial sums are added across programs.
 # Both passes store a state for every chunk (S₀, and dS at its end) in bf16 for 16-bit inputs:
 # the products that read them take bf16 operands anyway (_sdot), so only c's rowsum(S₀ ⊙ dS)
-# sees the rounding, and the bytes are those of fp32 states for every other chunk, which the
-# kernels kept before and recomputed the one between in _grad_kernel: RWKV7 forward+backward at
-# q7b-L4k went 11.8 → 9.4 ms without that recomputation (docs/results-2xh200/sixth/ab.txt).
+# sees the rounding. The bytes are those of fp32 states for every other chunk, which the kernels
+# kept before, recomputing the chunk between in _grad_kernel; dropping that recomputation took
+# RWKV7 forward+backward at q7b-L4k from 11.8 to 9.4 ms (docs/results-2xh200/sixth/ab.txt).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -509,16 +509,27 @@ def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constex
         tl.store(p + 3 * C * C, tl.where(strict, _dot(dz, tl.trans(u), PREC), 0.0))
 
 
-@triton.jit
-def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ib, ih, it, T, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, ck, cv,
-                 DPLR: tl.constexpr, PREC: tl.constexpr):
-    """dR, dK, dA, dB, dg of chunk `it` for the key channels ck, from its S₀ and dS (rows ck).
-    The V-side terms come first (the products with S₀ and dS, and the pair matrices
-    Y· = tril(dŶ ·ᵀ), Z· = stril(dz ·ᵀ) from _vpairs_kernel), so their operands are dead before the
-    key side is loaded."""
-    m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
+@triton.jit(do_not_specialize=["T"])
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
+    """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
+    (chunk, K block, batch·head), all in parallel, from the chunk's S₀ (st) and the dS at its end
+    (dst), the forward's u, the reverse pass's dz and _vpairs_kernel's matrices. Written in the
+    gradients' dtypes. The V-side terms come first (the products with S₀ and dS, and the pair
+    matrices Y· = tril(dŶ ·ᵀ), Z· = stril(dz ·ᵀ)), so their operands are dead before the key side
+    is loaded."""
+    it = tl.program_id(0)
+    ik = tl.program_id(1)
+    ibh = tl.program_id(2).to(tl.int64)
+    NT = tl.cdiv(T, C)
+    ck = ik * BK + tl.arange(0, BK)
+    cv = tl.arange(0, V)
+    kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
+    S0 = tl.load(st_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    m, offk, offv = _chunk_offsets(ibh // H, ibh % H, it, T, H, K, V, C, ck, cv)
     # Where the key side is loaded is a register-pressure choice (H200, q7b-L4k, one process):
     # RWKV7 loads it after the V side, which cut _grad_kernel from 7.7 to 6.5 ms; RWKV6, with
     # fewer operands, is faster loading it first.
@@ -536,7 +547,7 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
         udS = _sdot(u, tl.trans(dS), PREC)
         zS = _sdot(dz, tl.trans(S0), PREC)
     ri = tl.arange(0, C)
-    p = pv_ptr + ((ib * H + ih) * tl.cdiv(T, C) + it) * (4 if DPLR else 1) * C * C + ri[:, None] * C + ri[None, :]
+    p = pv_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
     Yv = tl.load(p)                                                   # from _vpairs_kernel
     if DPLR:
         Yu = tl.load(p + C * C)
@@ -570,28 +581,6 @@ def _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr
     if DPLR:
         tl.store(da_ptr + offk, da.to(da_ptr.dtype.element_ty), mask=m)
         tl.store(db_ptr + offk, db.to(db_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                 DPLR: tl.constexpr, PREC: tl.constexpr):
-    """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
-    (chunk, K block, batch·head), all in parallel, from the chunk's S₀ (st) and the dS at its end
-    (dst), the forward's u and the reverse pass's dz. Written in the gradients' dtypes."""
-    it = tl.program_id(0)
-    ik = tl.program_id(1)
-    ibh = tl.program_id(2).to(tl.int64)
-    NT = tl.cdiv(T, C)
-    ck = ik * BK + tl.arange(0, BK)
-    cv = tl.arange(0, V)
-    kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
-    S0 = tl.load(st_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
-    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
-    _chunk_grads(S0, dS, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, ibh // H, ibh % H, it, T, scale, H, K, V, C, ck, cv,
-                 DPLR, PREC)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -719,15 +708,16 @@ def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
     _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
                                      scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3], DPLR=dplr,
                                      HAS_DST=dsT is not None, PREC=_prec(r), num_warps=_WARPS_SEQ)
-    nm = 4 if dplr else 1
+    u = u if dplr else dv                               # RWKV6: u never read
+    nm = 4 if dplr else 1                               # Y_v (RWKV7: Y_u, Z_v, Z_u too)
     pv = torch.empty(B, H, NT, nm, _C, _C, **f32)
-    _vpairs_kernel[(NT, B * H)](v, dy, dv if u is None else u, dz, pv, T, scale, H=H, V=N, C=_C, NM=nm, DPLR=dplr,
+    _vpairs_kernel[(NT, B * H)](v, dy, u, dz, pv, T, scale, H=H, V=N, C=_C, NM=nm, DPLR=dplr,
                                 PREC=_prec(r), num_warps=_WARPS_SEQ)
     dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
     da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
-    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, dv if u is None else u, dz, pv,
-                                       dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, DPLR=dplr,
-                                       PREC=_prec(r), num_warps=_WARPS_PAR)
+    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, u, dz, pv,
+                                       dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, NM=nm,
+                                       DPLR=dplr, PREC=_prec(r), num_warps=_WARPS_PAR)
     return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
 
 

@@ -252,8 +252,8 @@ def fla_errs(variant, xs, state, dtype):
                                      (torch.float32, 128), (torch.float16, 128)])
 def test_gpu_vs_oracle(variant, dtype, N):
     """fp32 inputs run IEEE fp32 dots (~1e-6); 16-bit inputs run bf16 products with the states and
-    TF32 chunk-local ones, and add their own rounding (~3e-3). fla's errors on the same inputs are printed for N = 64 (its cold
-    autotuning is slow)."""
+    TF32 chunk-local ones, and add their own rounding (~3e-3). fla's errors on the same inputs are
+    printed for N = 64 (its cold autotuning is slow)."""
     xs = make_inputs(variant, 2, 300, 3, N, seed=7, device="cuda")
     state = torch.randn(2, 3, N, N, dtype=F64, device="cuda")
     errs = run_case(variant, xs, state, dtype)
