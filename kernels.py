@@ -211,9 +211,9 @@ def _bf16(x):
 @triton.jit
 def _tf32(x):
     """x with its mantissa cut to TF32's 10 bits, truncated: the interpreter's stand-in for a GPU's
-    TF32 products, which read only those bits of each fp32 operand (on an H200's test inputs the
-    interpreter's errors then come within 1e-4 of the GPU's, and rounding to nearest instead lowers
-    them by up to 4e-4; docs/results-2xh200/seventh/tf32_emulation.txt)."""
+    TF32 products, which read only those bits of each fp32 operand: on the GPU test's inputs the
+    interpreter's errors then equal an H200's to two digits, and rounding to nearest here would
+    lower them by up to 4e-4 (docs/results-2xh200/seventh/tf32_emulation.txt)."""
     return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 

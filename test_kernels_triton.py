@@ -8,7 +8,7 @@ test files in the same pytest process keep a normal Triton); the `interp` tests 
 The interpreter's fp32 `tl.dot` is exact (its bf16 dot is wrong, and its fp32 -> bf16 conversion
 truncates where a GPU rounds to nearest), so most of those tests are fp32 with tight tolerances;
 `test_interp_bf16_products` runs 16-bit inputs with the GPU's arithmetic emulated (kernels.py's
-`_sdot`, `_tf32`, `_cast`): its errors come within 1e-4 of an H200's on the same inputs. On
+`_sdot`, `_tf32`, `_cast`): on `test_gpu_vs_oracle`'s inputs its errors equal an H200's to two digits. On
 CUDA, `test_gpu_*` checks bf16, fp16 and fp32 inputs and prints fla's errors on the same inputs
 next to ours when fla is importable.
 Errors are relative RMS ‖x − ref‖ / ‖ref‖ in fp64, printed per tensor.
@@ -245,7 +245,7 @@ def test_gpu_vs_oracle(variant, dtype, N):
     TF32 chunk-local ones, and add their own rounding (~3e-3). When fla is installed its errors on
     the same inputs (log w in fp32, as ours) are printed beside ours, then with log w in `dtype`."""
     xs = make_inputs(variant, 2, 300, 3, N, seed=7, device="cuda")
-    state = torch.randn(2, 3, N, N, dtype=F64, device="cuda")
+    state = torch.randn(2, 3, N, N, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()  # as on CPU
     errs = run_case(variant, xs, state, dtype)
     what = f"{variant} {str(dtype)[6:]} N={N}"
     call = fla_call(variant, N)
