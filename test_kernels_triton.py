@@ -63,7 +63,7 @@ def rel_err(x, ref):
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def run_case(variant, xs, state, dtype, backend="triton", call=None, w_dtype=torch.float32):
+def run_case(variant, xs, state, dtype, backend="triton", call=None, w_dtype=F32):
     """Our y, S_T and gradients (of <y, dy> + <S_T, dS>) next to the oracle's; returns the errors.
     Inputs are cast to `dtype`, log w to `w_dtype` (fp32, as the model passes it); `call(inputs, s0)
     -> (y, S_T)` stands in for our kernel (fla's, on the GPU)."""
@@ -119,8 +119,8 @@ interp = pytest.mark.skipif(not INTERP, reason="runs inside test_interpreter's T
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 40, 64, 300])
 def test_interp_any_T(variant, T):
     """Every T around the chunk (16), an odd (40: 3 chunks) and an even (64: 4) count of chunks
-    (odd and even chunk counts), and a long one, with an initial state: outputs, final
-    state, every input gradient and the initial state's gradient."""
+    and a long one, with an initial state: outputs, final state, every input gradient and the
+    initial state's gradient."""
     B, H, N = (1, 1, 16) if T == 300 else (2, 2, 16)
     xs = make_inputs(variant, B, T, H, N, seed=T)
     state = torch.randn(B, H, N, N, dtype=F64)
@@ -236,6 +236,18 @@ def fla_call(variant, N):
                                    output_final_state=True)
 
 
+def fla_errs(variant, xs, state, dtype):
+    """fla's errors on our inputs, keyed by log w's dtype: fp32 (as ours get it), then `dtype`;
+    {} without fla. A failing fla call is printed, not raised: the test is of our kernels."""
+    call, errs = fla_call(variant, xs["r"].shape[-1]), {}
+    for w in dict.fromkeys((F32, dtype)) if call else ():
+        try:
+            errs[str(w)[6:]] = run_case(variant, xs, state, dtype, call=call, w_dtype=w)
+        except Exception as e:
+            print(f"{variant} {dtype}: fla with {w} log w failed: {e!r}")
+    return errs
+
+
 @pytest.mark.skipif(INTERP or not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
 @pytest.mark.parametrize("dtype,N", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128),
@@ -245,16 +257,11 @@ def test_gpu_vs_oracle(variant, dtype, N):
     TF32 chunk-local ones, and add their own rounding (~3e-3). When fla is installed its errors on
     the same inputs (log w in fp32, as ours) are printed beside ours, then with log w in `dtype`."""
     xs = make_inputs(variant, 2, 300, 3, N, seed=7, device="cuda")
-    state = torch.randn(2, 3, N, N, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()  # as on CPU
+    # drawn on the CPU, so that the interpreter can rerun these exact inputs
+    state = torch.randn(2, 3, N, N, dtype=F64, generator=torch.Generator().manual_seed(0)).cuda()
     errs = run_case(variant, xs, state, dtype)
     what = f"{variant} {str(dtype)[6:]} N={N}"
-    call = fla_call(variant, N)
-    fla = {}
-    for w in dict.fromkeys((F32, dtype)) if call else ():
-        try:
-            fla[str(w)[6:]] = run_case(variant, xs, state, dtype, call=call, w_dtype=w)
-        except Exception as e:                  # fla's failure is reported, not ours
-            print(f"{what}: fla with {w} log w failed: {e!r}")
+    fla = fla_errs(variant, xs, state, dtype)
     if fla:
         print(f"{what}, ours / fla with log w in {' / '.join(fla)}: " + " ".join(
             f"{n}={e:.1e}/" + "/".join(f"{f[n]:.1e}" for f in fla.values()) for n, e in errs.items()))
