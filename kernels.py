@@ -1051,21 +1051,52 @@ def bench_gpu(cfg: BenchConfig):
                   f"{peak:>7.0f} {get('fla_peak'):>8.0f}", flush=True)
             del xs
             torch.cuda.empty_cache()
+    bench_decode(fla, bench)
+
+
+def bench_decode(fla, bench):
+    """One decode step at H=28, N=128, batch 1 and 64, against fla's fused_recurrent_rwkv7 (fla:
+    _fla()'s kernels, or None) and a copy of the state; bench(fn) -> ms."""
     # The step reads and writes the whole fp32 state: a device copy of it is the floor it cannot beat.
-    print(f"\ndecode step, H=28, N=128 (RWKV7), µs: {'batch':>5} {'ours':>8} {'fla':>8} {'ratio':>6} "
-          f"{'state copy':>10}")
+    # At batch 1 a call is bound by its launch from Python; a CUDA graph replays the captured
+    # kernels without it, which is how a decoding loop would run them (fla's call graphed too).
+    print(f"\ndecode step, H=28, N=128 (RWKV7), µs; graph = the call captured in a CUDA graph, replayed\n"
+          f"{'batch':>5} {'ours':>8} {'fla':>8} {'ratio':>6} {'ours graph':>10} {'fla graph':>9} "
+          f"{'graph/fla':>9} {'graph/graph':>11} {'state copy':>10}")
     for B in (1, 64):
         with torch.no_grad():
             xs = {n: t.detach() for n, t in bench_inputs("rwkv7", B, 1, 28, 128, torch.bfloat16, "cuda").items()}
             S, S2 = torch.zeros(B, 28, 128, 128, device="cuda"), torch.empty(B, 28, 128, 128, device="cuda")
             w16 = xs["log_w"].bfloat16()
-            ours = 1e3 * bench(lambda: rwkv7_attn(**xs, state=S, backend="triton"))
-            copy = 1e3 * bench(lambda: S2.copy_(S))
-            ref = float("nan")
+            ours_call = lambda: rwkv7_attn(**xs, state=S, backend="triton")
+            fla_call = lambda: fla[2](xs["r"], w16, xs["k"], xs["v"], xs["a"], xs["b"], scale=128 ** -0.5,
+                                      initial_state=S, output_final_state=True)
+            t = dict(ours=bench(ours_call), ours_graph=bench(_graphed(ours_call)), copy=bench(lambda: S2.copy_(S)))
             if fla:
-                ref = 1e3 * bench(lambda: fla[2](xs["r"], w16, xs["k"], xs["v"], xs["a"], xs["b"],
-                                                 scale=128 ** -0.5, initial_state=S, output_final_state=True))
-        print(f"{'':<40} {B:>5} {ours:>8.1f} {ref:>8.1f} {ours / ref:>6.2f} {copy:>10.1f}", flush=True)
+                t["fla"] = bench(fla_call)
+                try:
+                    t["fla_graph"] = bench(_graphed(fla_call))
+                except Exception as e:                # the comparison stays with fla's plain call
+                    print(f"fla's call could not be captured in a CUDA graph: {e}")
+        us = {n: 1e3 * t.get(n, float("nan")) for n in ("ours", "fla", "ours_graph", "fla_graph", "copy")}
+        print(f"{B:>5} {us['ours']:>8.1f} {us['fla']:>8.1f} {us['ours'] / us['fla']:>6.2f} {us['ours_graph']:>10.1f} "
+              f"{us['fla_graph']:>9.1f} {us['ours_graph'] / us['fla']:>9.2f} {us['ours_graph'] / us['fla_graph']:>11.2f} "
+              f"{us['copy']:>10.1f}", flush=True)
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (after warm-up calls on a side stream, which compile and
+    autotune outside the capture); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main():
