@@ -326,6 +326,14 @@ def _chunk_offsets(ib, ih, it, T, H: tl.constexpr, K: tl.constexpr, V: tl.conste
     return (t < T)[:, None], row[:, None] * K + ck[None, :], row[:, None] * V + cv[None, :]
 
 
+@triton.jit
+def _pair_block(p_ptr, ibh, it, NT, NM: tl.constexpr, C: tl.constexpr):
+    """Pointers to matrix 0 of chunk `it`'s NM C × C pair matrices in p (B, H, NT, NM, C, C);
+    matrix j is at + j·C·C."""
+    ri = tl.arange(0, C)
+    return p_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+
+
 @triton.jit(do_not_specialize=["T"])
 def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.constexpr, K: tl.constexpr,
                   C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
@@ -341,16 +349,15 @@ def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.cons
     g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
-    ri = tl.arange(0, C)
-    chunk = ibh * tl.cdiv(T, C) + it
-    p = p_ptr + chunk * NM * C * C + ri[:, None] * C + ri[None, :]
+    p = _pair_block(p_ptr, ibh, it, tl.cdiv(T, C), NM, C)
     tl.store(p, A_qk)
     if DPLR:
         tl.store(p + C * C, A_qb)
         tl.store(p + 2 * C * C, A_ak)
         tl.store(p + 3 * C * C, _dot(Tm, A_ak, PREC))
         tl.store(p + 4 * C * C, _dot(A_qb, Tm, PREC))
-        q = q_ptr + chunk * 2 * C * K + ri[:, None] * K + ck[None, :]
+        ri = tl.arange(0, C)
+        q = q_ptr + (ibh * tl.cdiv(T, C) + it) * 2 * C * K + ri[:, None] * K + ck[None, :]
         tl.store(q, _dot(Tm, a0, PREC))
         tl.store(q + C * K, _dot(tl.trans(Tm), bC, PREC))
 
@@ -359,8 +366,7 @@ def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.cons
 def _load_pairs(p_ptr, ibh, it, NT, NM: tl.constexpr, DPLR: tl.constexpr, C: tl.constexpr):
     """_pairs_kernel's C × C matrices of chunk `it`: A_qk, A_qb, A_ak, M, M_z (RWKV6: A_qk alone,
     aliased as the others)."""
-    ri = tl.arange(0, C)
-    p = p_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    p = _pair_block(p_ptr, ibh, it, NT, NM, C)
     A_qk = tl.load(p)
     if DPLR:
         A_qb = tl.load(p + C * C)
@@ -509,7 +515,7 @@ def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constex
     ri = tl.arange(0, C)
     causal = ri[:, None] >= ri[None, :]
     strict = ri[:, None] > ri[None, :]
-    p = pv_ptr + (ibh * tl.cdiv(T, C) + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    p = _pair_block(pv_ptr, ibh, it, tl.cdiv(T, C), NM, C)
     tl.store(p, tl.where(causal, _dot(dy, tl.trans(v), PREC), 0.0))
     if DPLR:
         u = tl.load(u_ptr + offv, mask=m, other=0.0)
@@ -556,8 +562,7 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
         dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
         udS = _sdot(u, tl.trans(dS), PREC)
         zS = _sdot(dz, tl.trans(S0), PREC)
-    ri = tl.arange(0, C)
-    p = pv_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    p = _pair_block(pv_ptr, ibh, it, NT, NM, C)
     Yv = tl.load(p)                                                   # from _vpairs_kernel
     if DPLR:
         Yu = tl.load(p + C * C)
