@@ -1,37 +1,101 @@
-"""The RAD-RWKV recurrences (METHOD.md §3-§4): a step-by-step reference, a chunked PyTorch path,
-and Triton kernels (CUDA; Triton's interpreter on CPU), behind one public function per recurrence.
+"""The recurrences of the RAD-RWKV students (docs/method.md §3-§5), behind one public function each:
+rwkv7_attn (RAD-RWKV7) and rwkv6_attn (RAD-RWKV6, and QLinAtt at log w = 0). In file order:
 
-State S per (batch, head) is laid out [K, V] (fla's layout; METHOD §3 writes the transpose):
+    §1 rwkv7_naive, rwkv6_naive   the recurrences as the paper writes them, one token at a time:
+                                  the specification, and the oracle of every parity test
+    §2 kernel form in PyTorch     a step-by-step loop (backend="naive", and CPU decoding) and the
+                                  chunked path (backend="torch"): exact, any T, any N, autograd
+    §3 Triton kernels             backend="triton": CUDA, or Triton's interpreter on CPU
+    §4 rwkv7_attn, rwkv6_attn     input checks and the choice of backend
+
+§2-§4 use the kernel form (docs/kernels.md §1): the state S of each (batch, head) is laid out
+[K, V] (fla's layout; docs/method.md §3 writes RAD-RWKV7's state as the transpose), and
 
     RAD-RWKV7 (DPLR):  S_t = diag(e^{log_w_t}) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ
     RAD-RWKV6 (GLA):   S_t = diag(e^{log_w_t}) S_{t-1} + k_t v_tᵀ
     both:              y_t = scale · S_tᵀ r_t,   scale = N^-½ by default
 
-with METHOD's a = −κ, b = κ ⊙ iclr, k = k̃ for RWKV7. The chunk form, its numerics and the
-design of the Triton kernels are in ../shared/KERNELS.md. File order: plain reference, chunked
-PyTorch path, Triton kernels, public entry points, benchmark.
+with a = −κ, b = κ ⊙ iclr (iclr: the paper's in-context rate a) and k = k̃ for RAD-RWKV7. The chunk
+form and its numerics are docs/kernels.md §2 and §4, the Triton design §3, speed §5.
 
-    python kernels.py --bench                      # CPU: torch vs naive; GPU: triton vs fla, SDPA
-    python -m pytest -q test_kernels.py            # parity tests against fp64 oracles
-    python -m pytest -q test_kernels_triton.py     # the Triton backend (interpreter on CPU)
+    python -m pytest -q test_kernels.py test_kernels_triton.py    # parity tests (interpreter on CPU)
+    python bench.py kernels                                        # timings
 """
-import argparse
 import functools
 import math
 import os
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Plain reference: one token at a time (the specification and the decode path)
+# §1 Paper-form references (docs/method.md §3-§4): one token at a time, rows are vectors
 # ---------------------------------------------------------------------------------------------
 
+def rwkv7_naive(r, w, k, v, kk, a, state=None):
+    """RAD-RWKV7 exactly as docs/method.md §3 writes it, with S in the paper's [V, K] layout
+    (N_value × N_key) and row vectors:
+
+        S_t = S_{t-1} (diag(w_t) − kk_tᵀ (a_t ⊙ kk_t)) + v_tᵀ k_t,    y_t = S_t r_tᵀ · N^-½
+
+    r, w (the decay, in (0, 1)), k (already state-balanced, k̃), v, kk (κ, unit length per head),
+    a (the in-context rate, model.py's iclr): (B, T, H, N). state: (B, H, N, N) [V, K], or None
+    for zeros. Returns y (B, T, H, N) and S_T (B, H, N, N) [V, K], computed in the inputs' dtype.
+    Independent of the kernel form below (other layout, w not log w, κ and the rate a rather than
+    the kernel form's a = −κ and b), so a layout or sign error there cannot hide from the tests."""
+    B, T, H, N = r.shape
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(r.dtype)
+    ys = []
+    for t in range(T):
+        transition = torch.diag_embed(w[:, t]) - kk[:, t, :, :, None] * (a[:, t] * kk[:, t])[..., None, :]
+        S = S @ transition + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None])[..., 0] * N ** -0.5)
+    return torch.stack(ys, 1), S
+
+
+def rwkv6_naive(r, w, k, v, state=None):
+    """RAD-RWKV6 exactly as docs/method.md §4 writes it, with S [K, V] and row vectors:
+
+        S_t = diag(w_t) S_{t-1} + k_tᵀ v_t,    y_t = (r_t · N^-½) S_t
+
+    r, w (the decay, in (0, 1)), k (already state-balanced), v: (B, T, H, N). state: (B, H, N, N)
+    [K, V], or None for zeros. Returns y (B, T, H, N) and S_T (B, H, N, N) [K, V], computed in the
+    inputs' dtype. QLinAtt (docs/method.md §5) is this recurrence at w = 1."""
+    B, T, H, N = r.shape
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(r.dtype)
+    ys = []
+    for t in range(T):
+        S = torch.diag_embed(w[:, t]) @ S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        ys.append((r[:, t, :, None, :] * N ** -0.5 @ S)[..., 0, :])
+    return torch.stack(ys, 1), S
+
+
+# ---------------------------------------------------------------------------------------------
+# §2 Kernel form in PyTorch: step by step, and chunked (docs/kernels.md §1-§2)
+# ---------------------------------------------------------------------------------------------
+# Notation of the chunked PyTorch path and of the Triton kernels (§3), in the kernel form above
+# with g = log w and q = scale · r (the Triton kernels build everything from r and multiply Y and
+# dY by scale instead); a = b = 0 for RWKV6. Within a chunk of C rows i, j, per key channel d:
+#
+#   γ_i = Σ_{j≤i} g_j (gam, inclusive),  ε_i = γ_i − g_i (eps, exclusive),  γ_C = Σ_j g_j (gam_C)
+#   ρ = γ_C / 2 (rho), the reference point: each pairwise decay e^{γ_i − γ_j} is split as
+#       e^{γ_i − ρ} · e^{ρ − γ_j}; γ and ε lie in [γ_C, 0], so both exponents are at most
+#       |γ_C| / 2 ≤ ⌈C/2⌉ · max|g|.
+#   q⁺ = q e^{γ−ρ} (q_plus),  k⁻ = k e^{ρ−γ} (k_minus),  a⁺ = a e^{ε−ρ} (a_plus),  b⁻ = b e^{ρ−γ} (b_minus):
+#       the factors of the pairwise matrices
+#   q₀ = q e^{γ} (q0), a₀ = a e^{ε} (a0): the rows that read S₀, the chunk's initial state
+#   k_C = k e^{γ_C−γ} (k_C), b_C = b e^{γ_C−γ} (b_C): the rows that write S_C, its final state
+#   A_qk = tril(q⁺ k⁻ᵀ), A_qb = tril(q⁺ b⁻ᵀ) (diagonal included),
+#   A_ak = stril(a⁺ k⁻ᵀ), A_ab = stril(a⁺ b⁻ᵀ) (strictly lower)
+#   J = (I − A_ab)⁻¹,  W = J a₀,  M = J A_ak,  U = M V
+#   u_i = a_iᵀ S_{i−1}:  u = J (a₀ S₀ + A_ak V) = W S₀ + U                     (the WY/UT form)
+#   Y = q₀ S₀ + A_qk V + A_qb u,    S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u
+#
+# Everything without S₀ is computed for all chunks at once; only S₀ → S_C runs chunk after chunk.
+
 def _step(q, w, k, v, a, b, S):
-    """One recurrence step. q (already scaled), w = e^{log_w}, k, v, a, b: (B, H, N); a = b = None
+    """One kernel-form step. q (already scaled), w = e^{log_w}, k, v, a, b: (B, H, N); a = b = None
     for RWKV6. S: (B, H, K, V). Returns y (B, H, V) and the new S."""
     S_new = w[..., :, None] * S + k[..., :, None] * v[..., None, :]
     if a is not None:
@@ -40,9 +104,10 @@ def _step(q, w, k, v, a, b, S):
     return y, S_new
 
 
-def _naive(q, log_w, k, v, a, b, S):
-    """Step-by-step loop over T. Inputs (B, T, H, N) in the compute dtype, S (B, H, N, N).
-    Autograd keeps every S_t: O(T N²) memory, which is fine for an oracle and for short T."""
+def _recurrent(q, log_w, k, v, a, b, S):
+    """backend="naive": the kernel form step by step over T. Inputs (B, T, H, N) in the compute
+    dtype, S (B, H, N, N). Autograd keeps every S_t: O(T N²) memory, fine for a reference and for
+    short T (decoding)."""
     w = log_w.exp()
     ys = []
     for t in range(q.shape[1]):
@@ -52,22 +117,12 @@ def _naive(q, log_w, k, v, a, b, S):
     return torch.stack(ys, 1), S
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Chunked PyTorch path (KERNELS.md "Chunk form"): exact, any T, any N, autograd
-# ---------------------------------------------------------------------------------------------
-# Chunk sizes, chosen for CPU speed. RWKV7's work per token is ~(9·C/N + 5)·N² multiply-adds
-# in small matmuls (the pairwise matrices, the solve and the intra-chunk products grow with C;
-# the state pass does not), so a smaller C does less arithmetic but runs more, smaller matmuls
-# and a longer Python loop. Measured at smol-L512 (B = 2, N = 64, one core, forward+backward):
-# C = 16: 84 ms, 32: 86 ms, 64: 100 ms; 32 keeps half the per-chunk N×N tensors of 16.
-# RWKV6: 16, the largest chunk whose mid-referenced decay factors stay inside fp32 at
-# log w = −5 (8 · 5 = 40 nats, see _MAX_NATS); its intra-chunk work is small and its state
-# update elementwise, so the short chunk costs little.
+# RWKV7: 32, as fast on a CPU as 16 with half its per-chunk N × N tensors (docs/kernels.md §2).
+# RWKV6: 16, the largest chunk whose factors stay within ±_MAX_NATS at log w = −5 (8 · 5 = 40).
 CHUNK = {"rwkv7": 32, "rwkv6": 16}
-# Within a chunk, decay factors are e^{γ_i − ρ} and e^{ρ − γ_j} with ρ the cumsum at the middle
-# row, so their exponents are bounded by ⌈C/2⌉ · max|log w|. Keep that ≤ 40 nats: the factors
-# stay normal fp32 numbers (e^±40 ≈ 2e17, far from e^±87), and their products, which equal
-# e^{γ_i − γ_j} ≤ 1 on the causal side, are exact. Stronger decays get a smaller chunk.
+# ⌈C/2⌉ · max|log w| ≤ 40 nats keeps both factors of every pairwise decay normal fp32 numbers
+# (e^±40 ≈ 2e17, far from e^±87), so their products, e^{γ_i − γ_j} ≤ 1 on the causal side, are
+# exact. Stronger decays get a smaller chunk.
 _MAX_NATS = 40.0
 
 
@@ -89,32 +144,27 @@ def _to_chunks(x, C):
     return x.view(B, nc, C, H, N).permute(1, 0, 3, 2, 4).contiguous()
 
 
-def _pairwise(x_in, y_in, strict, x=None, y=None):
-    """Lower-triangular A[i, j] = Σ_d x_in_id y_in_jd (j < i), plus the diagonal Σ_d x_id y_id
-    when x, y are given. masked_fill, not a product with the mask: the anti-causal side can
-    overflow to inf. The diagonal carries no decay (e^0), so it is taken from the raw inputs:
-    through the gated ones it would send d log_w two terms that cancel exactly and leave only
-    rounding (30× the error of the step-by-step path at log w = −5)."""
-    A = (x_in @ y_in.mT).masked_fill(~strict, 0)
+def _pairwise(x_plus, y_minus, strict, x=None, y=None):
+    """Lower-triangular A[i, j] = Σ_d x⁺_id y⁻_jd (j < i), plus the diagonal Σ_d x_id y_id when
+    x, y are given. masked_fill, not a product with the mask: the anti-causal side can overflow
+    to inf. The diagonal carries no decay (e^0), so it is taken from the raw inputs: through the
+    gated ones it would send d log_w two terms that cancel exactly and leave only rounding."""
+    A = (x_plus @ y_minus.mT).masked_fill(~strict, 0)
     if x is not None:
         A.diagonal(dim1=-2, dim2=-1).copy_((x * y).sum(-1))
     return A
 
 
 def _chunked(q, log_w, k, v, a, b, S, chunk):
-    """Chunk-parallel form. Inputs (B, T, H, N) in the compute dtype (q already scaled), a = b =
-    None for RWKV6, S (B, H, N, N). Returns y (B, T, H, N), S_T.
+    """backend="torch": the chunk form in the notation above. Inputs (B, T, H, N) in the compute
+    dtype (q already scaled), a = b = None for RWKV6, S (B, H, N, N). Returns y (B, T, H, N), S_T.
 
-    Per chunk of C tokens with S_0 its initial state, γ the inclusive cumsum of log w within the
-    chunk, ε = γ − log w (exclusive), γ_C the last row, ρ = γ at the middle row:
-      Ũ_i = a_iᵀ S_{i−1} solves (I − A_ab) Ũ = (a⊙e^ε) S_0 + A_ak V, so Ũ = U + W S_0 with
-        [W | U] = (I − A_ab)^{-1} [a⊙e^ε | A_ak V]                        (WY/UT form)
-      Y   = (q⊙e^γ + A_qb W) S_0 + A_qk V + A_qb U
-      S_C = (diag(e^{γ_C}) + (b⊙e^{γ_C−γ})ᵀ W) S_0 + (k⊙e^{γ_C−γ})ᵀ V + (b⊙e^{γ_C−γ})ᵀ U
-    where A_xy[i, j] = Σ_d x_id y_jd e^{γ_id − γ_jd} (j ≤ i; with ε_i for x = a and j < i).
-    Everything S_0-free is computed for all chunks at once; the loop over chunks only carries S
-    (two C×N×N products per chunk for RWKV7, one elementwise update for RWKV6). Memory: inputs,
-    O(C) per token for the pairwise matrices, and N×N per chunk (D and the chunk states)."""
+    Per chunk, [W | U] solves (I − A_ab) [W | U] = [a₀ | A_ak V], and with S_chunk = k_Cᵀ V + b_Cᵀ U
+    and q_S0 = q₀ + A_qb W, the rows of Y that read S₀:
+        Y = q_S0 S₀ + A_qk V + A_qb U,    S_C = (diag(e^{γ_C}) + b_Cᵀ W) S₀ + S_chunk.
+    The loop over chunks only carries S (two C×N×N products per chunk for RWKV7, one elementwise
+    update for RWKV6). Memory: inputs, O(C) per token for the pairwise matrices, and N×N per chunk
+    (S_chunk and the chunk states)."""
     B, T, H, N = q.shape
     C = _safe_chunk(log_w, chunk)
     q, g, k, v = (_to_chunks(x, C) for x in (q, log_w, k, v))       # (nc, B, H, C, N)
@@ -122,50 +172,52 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
     gam_C = gam[..., -1:, :]                                          # (nc, B, H, 1, N)
     # ρ only splits e^{γ_i − γ_j} into two bounded factors; the product does not depend on it,
     # so no gradient flows through it.
-    rho = gam[..., max(C // 2 - 1, 0), None, :].detach()
-    # exp is ~10× the cost of a multiply on CPU: two full-size exps, the other factors are
+    rho = (gam_C / 2).detach()
+    # exp costs far more than a multiply on a CPU: two full-size exps, the other factors are
     # products of bounded ones (each within e^±40, so the products are exact too).
-    E = (gam - rho).exp()                                             # e^{γ − ρ}
-    E_inv = E.reciprocal()                                            # e^{ρ − γ}
-    q_in, k_in = q * E, k * E_inv                                     # pairwise (intra-chunk) use
+    exp_gam_rho = (gam - rho).exp()                                   # e^{γ − ρ}
+    exp_rho_gam = exp_gam_rho.reciprocal()                            # e^{ρ − γ}
+    q_plus, k_minus = q * exp_gam_rho, k * exp_rho_gam
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    A_qk = _pairwise(q_in, k_in, strict, q, k)                        # (nc, B, H, C, C)
+    A_qk = _pairwise(q_plus, k_minus, strict, q, k)                   # (nc, B, H, C, C)
     Y = A_qk @ v                                                      # intra-chunk part
-    q_out = q_in * rho.exp()                                          # q⊙e^γ reads S_0, ≤ 1
-    decay_C = E_inv * (gam_C - rho).exp()                             # e^{γ_C − γ} ≤ 1
-    D = (k * decay_C).mT @ v                                          # (nc, B, H, N, N)
-    decay_S = gam_C.mT.exp()                                          # (nc, B, H, N, 1): e^{γ_C}
+    q_S0 = q_plus * rho.exp()                                         # q₀ = q e^γ (e^γ ≤ 1)
+    exp_C_gam = exp_rho_gam * (gam_C - rho).exp()                     # e^{γ_C − γ} ≤ 1
+    k_C = k * exp_C_gam
+    S_chunk = k_C.mT @ v                                              # (nc, B, H, N, N)
+    exp_C = gam_C.mT.exp()                                            # (nc, B, H, N, 1): e^{γ_C}
     if a is not None:
         a, b = _to_chunks(a, C), _to_chunks(b, C)
-        a_in = a * (gam - g - rho).exp()                              # a⊙e^{ε − ρ}, ε exclusive
-        b_in = b * E_inv
-        A_qb = _pairwise(q_in, b_in, strict, q, b)
-        A_ak, A_ab = _pairwise(a_in, k_in, strict), _pairwise(a_in, b_in, strict)
+        eps = gam - g                                                 # ε, exclusive
+        a_plus = a * (eps - rho).exp()
+        b_minus = b * exp_rho_gam
+        A_qb = _pairwise(q_plus, b_minus, strict, q, b)
+        A_ak, A_ab = _pairwise(a_plus, k_minus, strict), _pairwise(a_plus, b_minus, strict)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        rhs = torch.cat([a_in * rho.exp(), A_ak @ v], -1)             # [a⊙e^ε | A_ak V]
+        rhs = torch.cat([a_plus * rho.exp(), A_ak @ v], -1)           # [a₀ | A_ak V]
         WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
         W, U = WU[..., :N], WU[..., N:]                               # (nc, B, H, C, N) each
         Y = Y + A_qb @ U
-        q_out = q_out + A_qb @ W
-        b_out = b * decay_C
-        D = D + b_out.mT @ U
-    # unbind once, not D[c] in the loop: autograd would then write a full-size zero gradient
-    # for every chunk (quadratic in T / C; it was a quarter of the backward time).
-    low_rank = zip(b_out.mT.unbind(), W.unbind()) if a is not None else [None] * q.shape[0]
-    S_in = []                                                         # S_0 of every chunk
-    for decay_c, D_c, bW in zip(decay_S.unbind(), D.unbind(), low_rank):
-        S_in.append(S)
-        S_next = decay_c * S + D_c
-        if bW is not None:                                            # + (b⊙e^{γ_C−γ})ᵀ W S_0
-            S_next = S_next + bW[0] @ (bW[1] @ S)
-        S = S_next
-    Y = Y + q_out @ torch.stack(S_in)                                 # (nc, B, H, C, N)
+        q_S0 = q_S0 + A_qb @ W
+        b_C = b * exp_C_gam
+        S_chunk = S_chunk + b_C.mT @ U
+    # unbind once, not S_chunk[c] in the loop: autograd would then write a full-size zero
+    # gradient for every chunk (quadratic in T / C).
+    low_rank = zip(b_C.mT.unbind(), W.unbind()) if a is not None else [None] * q.shape[0]
+    S0s = []                                                          # S₀ of every chunk
+    for exp_C_c, S_chunk_c, bW in zip(exp_C.unbind(), S_chunk.unbind(), low_rank):
+        S0s.append(S)
+        S_C = exp_C_c * S + S_chunk_c
+        if bW is not None:                                            # + b_Cᵀ W S₀
+            S_C = S_C + bW[0] @ (bW[1] @ S)
+        S = S_C
+    Y = Y + q_S0 @ torch.stack(S0s)                                   # (nc, B, H, C, N)
     Y = Y.permute(1, 0, 3, 2, 4).reshape(B, -1, H, N)[:, :T]          # (B, T, H, N)
     return Y, S
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Triton kernels (KERNELS.md "A lean design"), launchers and the autograd Function
+# §3 Triton kernels (docs/kernels.md §3), launchers and the autograd Function; notation as in §2
 # ---------------------------------------------------------------------------------------------
 # Forward: _pairs_kernel, the S-free C×C matrices of all chunks in parallel, then _fwd_kernel,
 # one sequential pass over the chunks that writes Y as it goes (and, when a backward follows, S₀
@@ -177,6 +229,8 @@ def _chunked(q, log_w, k, v, a, b, S, chunk):
 # operands and the chunk-local ones TF32 (_sdot, _dot; IEEE fp32 for fp32 inputs), the triangular
 # inverse in IEEE fp32. Saved for backward: the inputs, the pair matrices, the states of every
 # chunk (bf16 for 16-bit inputs, _state_dtype) and u; everything else is recomputed.
+# The kernels take q = r (Y and dY are multiplied by scale) and ρ = γ_C / 2 as §2 does, so that
+# |γ − ρ| ≤ C/2 · max|g|: C = 16 keeps both factors inside fp32 down to RWKV6's log w = −5.
 try:
     import triton
     import triton.language as tl
@@ -186,18 +240,6 @@ except ImportError:                   # no Triton on this platform: backend="tri
     triton = types.SimpleNamespace(jit=lambda fn=None, **kw: fn if fn is not None else (lambda f: f))
     tl = types.SimpleNamespace(constexpr=None)
     _HAVE_TRITON = False
-
-# ---------------------------------------------------------------------------------------------
-# Chunk symbols (KERNELS.md), chunk of C rows i, per key channel d:
-#   γ_i = Σ_{j≤i} g_j (inclusive cumsum), ε_i = γ_i − g_i, γ_C = Σ_j g_j, ref = γ_C / 2.
-#   Every pairwise factor e^{γ_i−γ_j} is split as e^{γ_i−ref}·e^{ref−γ_j}; |γ−ref| ≤ C/2·max|g|,
-#   so C = 16 keeps both factors inside fp32 even for RWKV6's log w = −5 (e^{±40}).
-#   q⁺ = r e^{γ−ref}, k⁻ = k e^{ref−γ}, b⁻ = b e^{ref−γ}, a⁺ = a e^{ε−ref}
-#   A_qk = tril(q⁺ k⁻ᵀ), A_qb = tril(q⁺ b⁻ᵀ), A_ak = stril(a⁺ k⁻ᵀ), A_ab = stril(a⁺ b⁻ᵀ)
-#   r₀ = r e^{γ}, a₀ = a e^{ε}, k_C = k e^{γ_C−γ}, b_C = b e^{γ_C−γ}
-#   T = (I − A_ab)^{-1};  u_i = a_iᵀ S_{i−1} = T (a₀ S₀ + A_ak V)
-#   Y = scale (r₀ S₀ + A_qk V + A_qb u);   S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u
-# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -211,9 +253,8 @@ def _bf16(x):
 @triton.jit
 def _tf32(x):
     """x with its mantissa cut to TF32's 10 bits, truncated: the interpreter's stand-in for a GPU's
-    TF32 products, which read only those bits of each fp32 operand: on the GPU test's inputs the
-    interpreter's errors then equal an H200's to two digits, and rounding to nearest here would
-    lower them by up to 4e-4 (docs/results-2xh200/seventh/tf32_emulation.txt)."""
+    TF32 products, which read only those bits of each fp32 operand (rounding to nearest here
+    would make the interpreter's errors smaller than a GPU's: docs/kernels.md §4)."""
     return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
@@ -232,7 +273,7 @@ def _sdot(x, y, PREC: tl.constexpr):
     """x @ y with a state operand (S or dS, rows × V): bf16 products for 16-bit inputs (emulated
     with bf16-rounded operands in the interpreter), IEEE fp32 for fp32 inputs. These are most of
     the kernels' tensor-core time; the chunk-local products stay TF32, where bf16 would cost
-    accuracy (H200: RWKV6 d log w 1.2e-2 instead of 3.4e-3)."""
+    accuracy (docs/kernels.md §4)."""
     if PREC == "tf32":
         return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
     elif PREC == "emu":
@@ -256,65 +297,65 @@ def _tril_inverse(A, C: tl.constexpr):
     """(I − A)^{-1} for strictly lower-triangular A (C, C): A is nilpotent (A^C = 0), so
     (I − A)^{-1} = (I + A)(I + A²)(I + A⁴)…; fp32 products in IEEE precision (not TF32)."""
     rows = tl.arange(0, C)
-    Tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + A
-    P = A
+    J = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + A
+    A_pow = A
     for s in tl.static_range(1, 7):
         if (1 << s) < C:
-            P = tl.dot(P, P, input_precision="ieee")                      # A^(2^s)
-            Tm += tl.dot(Tm, P, input_precision="ieee")
-    return Tm
+            A_pow = tl.dot(A_pow, A_pow, input_precision="ieee")          # A^(2^s)
+            J += tl.dot(J, A_pow, input_precision="ieee")
+    return J
 
 
 @triton.jit
-def _chunk_prep(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR: tl.constexpr, C: tl.constexpr):
+def _chunk_prep(r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR: tl.constexpr, C: tl.constexpr):
     """Loads one chunk's (C, K) key-side inputs (rows past T read as identity steps: g = 0,
     r = k = a = b = 0) and returns the fp32 gated operands and decays of the chunk."""
-    g = tl.load(w_ptr + offk, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offk, mask=m, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offk, mask=m, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + offk, mask=m, other=0.0).to(tl.float32)
-    gam = tl.cumsum(g, axis=0)                     # γ (C, K)
-    gC = tl.sum(g, axis=0)                         # γ_C (K,)
-    ref = gC * 0.5
-    qp = r * tl.exp(gam - ref[None, :])            # q⁺
-    kn = k * tl.exp(ref[None, :] - gam)            # k⁻
-    r0 = r * tl.exp(gam)                           # r₀
-    kC = k * tl.exp(gC[None, :] - gam)             # k_C
+    gam = tl.cumsum(g, axis=0)                         # γ (C, K)
+    gam_C = tl.sum(g, axis=0)                          # γ_C (K,)
+    rho = gam_C * 0.5                                  # ρ
+    q_plus = r * tl.exp(gam - rho[None, :])            # q⁺
+    k_minus = k * tl.exp(rho[None, :] - gam)           # k⁻
+    q0 = r * tl.exp(gam)                               # q₀
+    k_C = k * tl.exp(gam_C[None, :] - gam)             # k_C
     if DPLR:
         a = tl.load(a_ptr + offk, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offk, mask=m, other=0.0).to(tl.float32)
-        eps = gam - g
-        ap = a * tl.exp(eps - ref[None, :])        # a⁺
-        bn = b * tl.exp(ref[None, :] - gam)        # b⁻
-        a0 = a * tl.exp(eps)                       # a₀
-        bC = b * tl.exp(gC[None, :] - gam)         # b_C
+        eps = gam - g                                  # ε
+        a_plus = a * tl.exp(eps - rho[None, :])        # a⁺
+        b_minus = b * tl.exp(rho[None, :] - gam)       # b⁻
+        a0 = a * tl.exp(eps)                           # a₀
+        b_C = b * tl.exp(gam_C[None, :] - gam)         # b_C
     else:
         a = r
         b = r
-        ap = qp
-        bn = kn
-        a0 = r0
-        bC = kC
-    return g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC
+        a_plus = q_plus
+        b_minus = k_minus
+        a0 = q0
+        b_C = k_C
+    return g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C
 
 
 @triton.jit
-def _pairs(qp, kn, ap, bn, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
-    """Pairwise chunk matrices A_qk, A_qb (causal, j ≤ i), A_ak, A_ab (strict, j < i) and
-    T = (I − A_ab)^{-1}; for RWKV6 only A_qk is real (the rest alias it)."""
+def _pairs(q_plus, k_minus, a_plus, b_minus, DPLR: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Pairwise chunk matrices A_qk, A_qb (causal, j ≤ i), A_ak (strict, j < i) and
+    J = (I − A_ab)^{-1}; for RWKV6 only A_qk is real (the rest alias it)."""
     ri = tl.arange(0, C)
     causal = ri[:, None] >= ri[None, :]
     strict = ri[:, None] > ri[None, :]
-    A_qk = tl.where(causal, _dot(qp, tl.trans(kn), PREC), 0.0)
+    A_qk = tl.where(causal, _dot(q_plus, tl.trans(k_minus), PREC), 0.0)
     if DPLR:
-        A_qb = tl.where(causal, _dot(qp, tl.trans(bn), PREC), 0.0)
-        A_ak = tl.where(strict, _dot(ap, tl.trans(kn), PREC), 0.0)
-        A_ab = tl.where(strict, _dot(ap, tl.trans(bn), PREC), 0.0)
-        Tm = _tril_inverse(A_ab, C)
+        A_qb = tl.where(causal, _dot(q_plus, tl.trans(b_minus), PREC), 0.0)
+        A_ak = tl.where(strict, _dot(a_plus, tl.trans(k_minus), PREC), 0.0)
+        A_ab = tl.where(strict, _dot(a_plus, tl.trans(b_minus), PREC), 0.0)
+        J = _tril_inverse(A_ab, C)
     else:
         A_qb = A_qk
         A_ak = A_qk
-        Tm = A_qk
-    return A_qk, A_qb, A_ak, Tm
+        J = A_qk
+    return A_qk, A_qb, A_ak, J
 
 
 @triton.jit
@@ -327,78 +368,78 @@ def _chunk_offsets(ib, ih, it, T, H: tl.constexpr, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit
-def _pair_block(p_ptr, ibh, it, NT, NM: tl.constexpr, C: tl.constexpr):
-    """Pointers to matrix 0 of chunk `it`'s NM C × C pair matrices in p (B, H, NT, NM, C, C);
+def _pair_block(pairs_ptr, ibh, it, NT, NM: tl.constexpr, C: tl.constexpr):
+    """Pointers to matrix 0 of chunk `it`'s NM C × C pair matrices in pairs (B, H, NT, NM, C, C);
     matrix j is at + j·C·C."""
     ri = tl.arange(0, C)
-    return p_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
+    return pairs_ptr + (ibh * NT + it) * NM * C * C + ri[:, None] * C + ri[None, :]
 
 
 @triton.jit(do_not_specialize=["T"])
-def _pairs_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p_ptr, q_ptr, T, H: tl.constexpr, K: tl.constexpr,
+def _pairs_kernel(r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, pairs_ptr, W_ptr, T, H: tl.constexpr, K: tl.constexpr,
                   C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
     """The S-free matrices of every chunk, one program per (chunk, batch·head), all in parallel,
-    into p[chunk] (C × C) and, for RWKV7, q[chunk] (C × K):
-        RWKV6: A_qk.   RWKV7: A_qk, A_qb, A_ak, M = T A_ak, M_z = A_qb T;  W = T a₀, B = Tᵀ b_C,
+    into pairs[chunk] (C × C each) and, for RWKV7, W[chunk] (C × K each):
+        RWKV6: A_qk.   RWKV7: A_qk, A_qb, A_ak, M = J A_ak, M_z = A_qb J;  W = J a₀, W_z = Jᵀ b_C,
     so that the sequential passes' chains from one state to the next are two dots deep:
-        u = W S₀ + M V  (forward),   dz = M_zᵀ dŶ + B dS  (backward)."""
+        u = W S₀ + M V  (forward),   dz = M_zᵀ dŶ + W_z dS  (backward)."""
     it = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ck = tl.arange(0, K)
     m, offk, offv = _chunk_offsets(ibh // H, ibh % H, it, T, H, K, K, C, ck, ck)
-    g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    A_qk, A_qb, A_ak, Tm = _pairs(qp, kn, ap, bn, DPLR, C, PREC)
-    p = _pair_block(p_ptr, ibh, it, tl.cdiv(T, C), NM, C)
+    g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C = _chunk_prep(
+        r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    A_qk, A_qb, A_ak, J = _pairs(q_plus, k_minus, a_plus, b_minus, DPLR, C, PREC)
+    p = _pair_block(pairs_ptr, ibh, it, tl.cdiv(T, C), NM, C)
     tl.store(p, A_qk)
     if DPLR:
         tl.store(p + C * C, A_qb)
         tl.store(p + 2 * C * C, A_ak)
-        tl.store(p + 3 * C * C, _dot(Tm, A_ak, PREC))
-        tl.store(p + 4 * C * C, _dot(A_qb, Tm, PREC))
+        tl.store(p + 3 * C * C, _dot(J, A_ak, PREC))
+        tl.store(p + 4 * C * C, _dot(A_qb, J, PREC))
         ri = tl.arange(0, C)
-        q = q_ptr + (ibh * tl.cdiv(T, C) + it) * 2 * C * K + ri[:, None] * K + ck[None, :]
-        tl.store(q, _dot(Tm, a0, PREC))
-        tl.store(q + C * K, _dot(tl.trans(Tm), bC, PREC))
+        Wp = W_ptr + (ibh * tl.cdiv(T, C) + it) * 2 * C * K + ri[:, None] * K + ck[None, :]
+        tl.store(Wp, _dot(J, a0, PREC))
+        tl.store(Wp + C * K, _dot(tl.trans(J), b_C, PREC))
 
 
 @triton.jit
-def _load_pairs(p_ptr, ibh, it, NT, NM: tl.constexpr, DPLR: tl.constexpr, C: tl.constexpr):
+def _load_pairs(pairs_ptr, ibh, it, NT, NM: tl.constexpr, DPLR: tl.constexpr, C: tl.constexpr):
     """_pairs_kernel's C × C matrices of chunk `it`: A_qk, A_qb, A_ak, M, M_z (RWKV6: A_qk alone,
     aliased as the others)."""
-    p = _pair_block(p_ptr, ibh, it, NT, NM, C)
+    p = _pair_block(pairs_ptr, ibh, it, NT, NM, C)
     A_qk = tl.load(p)
     if DPLR:
         A_qb = tl.load(p + C * C)
         A_ak = tl.load(p + 2 * C * C)
         M = tl.load(p + 3 * C * C)
-        Mz = tl.load(p + 4 * C * C)
+        M_z = tl.load(p + 4 * C * C)
     else:
         A_qb = A_qk
         A_ak = A_qk
         M = A_qk
-        Mz = A_qk
-    return A_qk, A_qb, A_ak, M, Mz
+        M_z = A_qk
+    return A_qk, A_qb, A_ak, M, M_z
 
 
 @triton.jit
-def _load_wb(q_ptr, ibh, it, NT, C: tl.constexpr, K: tl.constexpr):
-    """_pairs_kernel's W = T a₀ and B = Tᵀ b_C of chunk `it` (C, K), RWKV7."""
-    q = q_ptr + (ibh * NT + it) * 2 * C * K + tl.arange(0, C)[:, None] * K + tl.arange(0, K)[None, :]
-    return tl.load(q), tl.load(q + C * K)
+def _load_W(W_ptr, ibh, it, NT, C: tl.constexpr, K: tl.constexpr):
+    """_pairs_kernel's W = J a₀ and W_z = Jᵀ b_C of chunk `it` (C, K each), RWKV7."""
+    Wp = W_ptr + (ibh * NT + it) * 2 * C * K + tl.arange(0, C)[:, None] * K + tl.arange(0, K)[None, :]
+    return tl.load(Wp), tl.load(Wp + C * K)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, st_ptr, sT_ptr, y_ptr, u_ptr, T, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NM: tl.constexpr,
-                DPLR: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(r_ptr, g_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pairs_ptr, W_ptr, s0_ptr, states_ptr, sT_ptr, y_ptr, u_ptr,
+                T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                NM: tl.constexpr, DPLR: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr, PREC: tl.constexpr):
     """Forward pass, one program per (V block, batch·head), sequential over chunks; per chunk
-        Y = scale (r₀ S₀ + A_qk V + A_qb u),  S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,
-        u = T (a₀ S₀ + A_ak V) = W S₀ + M V  (DPLR only; W, M from _pairs_kernel).
-    The output terms hang off the S₀ → S_C chain and overlap it, instead of a second kernel
-    re-reading every chunk state (2.1× faster forward at q7b-L4k on an H100). Writes the final
-    state to sT; when STORE (a backward follows) also S₀ of every chunk at st[chunk] (_state_dtype)
-    and, for DPLR, u (token-major like V, fp32) for _grad_kernel."""
+        Y = scale (q₀ S₀ + A_qk V + A_qb u),  S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u,
+        u = J (a₀ S₀ + A_ak V) = W S₀ + M V  (DPLR only; W, M from _pairs_kernel).
+    The output terms hang off the S₀ → S_C chain and overlap it, rather than a second kernel
+    re-reading every chunk state. Writes the final state to sT; when STORE (a backward follows)
+    also S₀ of every chunk at states[chunk] (_state_dtype) and, for DPLR, u (token-major like V,
+    fp32) for _grad_kernel."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
@@ -414,34 +455,36 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
     for it in range(NT):
         m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
         v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
-        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+        g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C = _chunk_prep(
+            r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
         if STORE:
-            tl.store(st_ptr + (ibh * NT + it) * K * V + kv, _cast(S, st_ptr, PREC))
-        A_qk, A_qb, _, M, _ = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)    # the forward's three
-        o = _sdot(r0, S, PREC) + _dot(A_qk, v, PREC)
-        Snew = tl.exp(gC)[:, None] * S + _dot(tl.trans(kC), v, PREC)
+            tl.store(states_ptr + (ibh * NT + it) * K * V + kv, _cast(S, states_ptr, PREC))
+        A_qk, A_qb, _, M, _ = _load_pairs(pairs_ptr, ibh, it, NT, NM, DPLR, C)    # the forward's three
+        Y = _sdot(q0, S, PREC) + _dot(A_qk, v, PREC)
+        S_C = tl.exp(gam_C)[:, None] * S + _dot(tl.trans(k_C), v, PREC)
         if DPLR:
-            W, _ = _load_wb(q_ptr, ibh, it, NT, C, K)
+            W, _ = _load_W(W_ptr, ibh, it, NT, C, K)
             u = _sdot(W, S, PREC) + _dot(M, v, PREC)   # u_i = a_iᵀ S_{i−1}
-            o += _dot(A_qb, u, PREC)
-            Snew += _dot(tl.trans(bC), u, PREC)
+            Y += _dot(A_qb, u, PREC)
+            S_C += _dot(tl.trans(b_C), u, PREC)
             if STORE:
                 tl.store(u_ptr + offv, u, mask=m)
-        tl.store(y_ptr + offv, _cast(o * scale, y_ptr, PREC), mask=m)
-        S = Snew
+        tl.store(y_ptr + offv, _cast(Y * scale, y_ptr, PREC), mask=m)
+        S = S_C
     tl.store(sT_ptr + ibh * K * V + kv, S)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward per chunk, with dS = ∂L/∂S_C from later chunks and dŶ = scale·dY (C, V):
-#   dz = Tᵀ (A_qbᵀ dŶ + b_C dS) = M_zᵀ dŶ + B dS     (dz_i = b_iᵀ dS_i: the per-step gradient of u_i)
+#   dz = Jᵀ (A_qbᵀ dŶ + b_C dS) = M_zᵀ dŶ + W_z dS   (dz_i = b_iᵀ dS_i: the per-step gradient of u_i)
 #   dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz
-#   dS₀ = e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz
-#   dR = e^{γ} (dŶ S₀ᵀ) + e^{γ−ref} [tril(dŶ Vᵀ) k⁻ + tril(dŶ uᵀ) b⁻]          (dr_i = S_i dŷ_i)
-#   dK = e^{γ_C−γ} (V dSᵀ) + e^{ref−γ} [triu(V dŶᵀ) q⁺ + striu(V dzᵀ) a⁺]      (dk_i = dS_i v_i)
+#   dS₀ = e^{γ_C} dS + q₀ᵀ dŶ + a₀ᵀ dz
+#   dR = e^{γ} (dŶ S₀ᵀ) + e^{γ−ρ} [P_yv k⁻ + P_yu b⁻]                         (dr_i = S_i dŷ_i)
+#   dK = e^{γ_C−γ} (V dSᵀ) + e^{ρ−γ} [P_yvᵀ q⁺ + P_zvᵀ a⁺]                    (dk_i = dS_i v_i)
 #   dB = same as dK with u in place of V                                       (db_i = dS_i u_i)
-#   dA = e^{ε} (dz S₀ᵀ) + e^{ε−ref} [stril(dz Vᵀ) k⁻ + stril(dz uᵀ) b⁻]       (da_i = S_{i−1} dz_i)
+#   dA = e^{ε} (dz S₀ᵀ) + e^{ε−ρ} [P_zv k⁻ + P_zu b⁻]                         (da_i = S_{i−1} dz_i)
+#   with the V-side pair matrices P_yv = tril(dŶ Vᵀ), P_yu = tril(dŶ uᵀ), P_zv = stril(dz Vᵀ),
+#   P_zu = stril(dz uᵀ), and
 #   dg_i = c + Σ_{j≥i} (r dr − k dk − b db)_j + Σ_{j>i} (a da)_j,  c = rowsum(S_C ⊙ dS)
 #   (from rowsum(S_i ⊙ dS_i) = dg_{i+1} + a_{i+1} da_{i+1} + r_i dr_i and
 #    dg_i = rowsum(S_i ⊙ dS_i) − b_i db_i − k_i dk_i), where with S_C = e^{γ_C} S₀ + k_Cᵀ V + b_Cᵀ u
@@ -451,20 +494,18 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, s0_ptr, 
 # blocks of key channels with the whole V row, so no partial sums are added across programs.
 # Both passes store a state for every chunk (S₀, and dS at its end) in bf16 for 16-bit inputs:
 # the products that read them take bf16 operands anyway (_sdot), so only c's rowsum(S₀ ⊙ dS)
-# sees the rounding. The bytes are those of fp32 states for every other chunk, which the kernels
-# kept before, recomputing the chunk between in _grad_kernel; dropping that recomputation took
-# RWKV7 forward+backward at q7b-L4k from 11.8 to 9.4 ms (docs/results-2xh200/sixth/ab.txt).
+# sees the rounding, and _grad_kernel recomputes no state.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["T"])
-def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
+def _dstate_kernel(r_ptr, g_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pairs_ptr, W_ptr, dy_ptr, dsT_ptr, dstates_ptr, ds0_ptr,
                    dv_ptr, dz_ptr, T, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """Reverse state pass, one program per (V block, batch·head), sequential from the last chunk:
-    stores dS (gradient of chunk n's end state) at dst[n] (_state_dtype),
+    stores dS (gradient of chunk n's end state) at dstates[n] (_state_dtype),
     writes dV = A_qkᵀ dŶ + k_C dS + A_akᵀ dz and (DPLR) dz (fp32, token-major like V) off the dS
-    chain, then dS ← e^{γ_C} dS + r₀ᵀ dŶ + a₀ᵀ dz."""
+    chain, then dS ← dS₀ = e^{γ_C} dS + q₀ᵀ dŶ + a₀ᵀ dz."""
     iv = tl.program_id(0)
     ibh = tl.program_id(1).to(tl.int64)
     ib = ibh // H
@@ -482,28 +523,28 @@ def _dstate_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, q_ptr, dy_pt
         m, offk, offv = _chunk_offsets(ib, ih, it, T, H, K, V, C, ck, cv)
         # the cast after `* scale`: torch.compile passes a float argument as fp64 (tl.dot needs one dtype)
         dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)
-        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-        tl.store(dst_ptr + (ibh * NT + it) * K * V + kv, _cast(dS, dst_ptr, PREC))
-        dSprev = tl.exp(gC)[:, None] * dS + _dot(tl.trans(r0), dy, PREC)
-        A_qk, _, A_ak, _, Mz = _load_pairs(p_ptr, ibh, it, NT, NM, DPLR, C)   # the backward's three
-        dv = _dot(tl.trans(A_qk), dy, PREC) + _sdot(kC, dS, PREC)
+        g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C = _chunk_prep(
+            r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+        tl.store(dstates_ptr + (ibh * NT + it) * K * V + kv, _cast(dS, dstates_ptr, PREC))
+        dS0 = tl.exp(gam_C)[:, None] * dS + _dot(tl.trans(q0), dy, PREC)
+        A_qk, _, A_ak, _, M_z = _load_pairs(pairs_ptr, ibh, it, NT, NM, DPLR, C)   # the backward's three
+        dv = _dot(tl.trans(A_qk), dy, PREC) + _sdot(k_C, dS, PREC)
         if DPLR:
-            _, Bm = _load_wb(q_ptr, ibh, it, NT, C, K)
-            dz = _dot(tl.trans(Mz), dy, PREC) + _sdot(Bm, dS, PREC)
-            dSprev += _dot(tl.trans(a0), dz, PREC)
+            _, W_z = _load_W(W_ptr, ibh, it, NT, C, K)
+            dz = _dot(tl.trans(M_z), dy, PREC) + _sdot(W_z, dS, PREC)
+            dS0 += _dot(tl.trans(a0), dz, PREC)
             dv += _dot(tl.trans(A_ak), dz, PREC)
             tl.store(dz_ptr + offv, dz, mask=m)
         tl.store(dv_ptr + offv, _cast(dv, dv_ptr, PREC), mask=m)
-        dS = dSprev
+        dS = dS0
     tl.store(ds0_ptr + ibh * K * V + kv, dS)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constexpr, V: tl.constexpr,
+def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, vpairs_ptr, T, scale, H: tl.constexpr, V: tl.constexpr,
                    C: tl.constexpr, NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
-    """The V-side pair matrices of every chunk, one program per (chunk, batch·head), into pv[chunk]:
-        Y_v = tril(dŶ Vᵀ)   and for RWKV7   Y_u = tril(dŶ uᵀ), Z_v = stril(dz Vᵀ), Z_u = stril(dz uᵀ).
+    """The V-side pair matrices of every chunk, one program per (chunk, batch·head), into vpairs[chunk]:
+        P_yv = tril(dŶ Vᵀ)   and for RWKV7   P_yu = tril(dŶ uᵀ), P_zv = stril(dz Vᵀ), P_zu = stril(dz uᵀ).
     They are sums over all V, the same for every block of key channels: _grad_kernel loads them
     instead of computing them once per key block."""
     it = tl.program_id(0)
@@ -515,7 +556,7 @@ def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constex
     ri = tl.arange(0, C)
     causal = ri[:, None] >= ri[None, :]
     strict = ri[:, None] > ri[None, :]
-    p = _pair_block(pv_ptr, ibh, it, tl.cdiv(T, C), NM, C)
+    p = _pair_block(vpairs_ptr, ibh, it, tl.cdiv(T, C), NM, C)
     tl.store(p, tl.where(causal, _dot(dy, tl.trans(v), PREC), 0.0))
     if DPLR:
         u = tl.load(u_ptr + offv, mask=m, other=0.0)
@@ -526,16 +567,15 @@ def _vpairs_kernel(v_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr, T, scale, H: tl.constex
 
 
 @triton.jit(do_not_specialize=["T"])
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr, u_ptr, dz_ptr, pv_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
+def _grad_kernel(r_ptr, g_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, u_ptr, dz_ptr, vpairs_ptr,
+                 dr_ptr, dg_ptr, dk_ptr, da_ptr, db_ptr, T, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                  NM: tl.constexpr, DPLR: tl.constexpr, PREC: tl.constexpr):
     """K-side gradients dR, dK, dA, dB, dg of BK key channels with the whole V row, one program per
-    (chunk, K block, batch·head), all in parallel, from the chunk's S₀ (st) and the dS at its end
-    (dst), the forward's u, the reverse pass's dz and _vpairs_kernel's matrices. Written in the
-    gradients' dtypes. The V-side terms come first (the products with S₀ and dS, and the pair
-    matrices Y· = tril(dŶ ·ᵀ), Z· = stril(dz ·ᵀ)), so their operands are dead before the key side
-    is loaded."""
+    (chunk, K block, batch·head), all in parallel, from the chunk's S₀ (states) and the dS at its
+    end (dstates), the forward's u, the reverse pass's dz and _vpairs_kernel's matrices P_··.
+    Written in the gradients' dtypes. The V-side terms come first (the products with S₀ and dS,
+    and the pair matrices), so their operands are dead before the key side is loaded."""
     it = tl.program_id(0)
     ik = tl.program_id(1)
     ibh = tl.program_id(2).to(tl.int64)
@@ -543,63 +583,62 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_p
     ck = ik * BK + tl.arange(0, BK)
     cv = tl.arange(0, V)
     kv = ck[:, None] * V + cv[None, :]                                # (BK, V) block of a state
-    S0 = tl.load(st_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
-    dS = tl.load(dst_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    S0 = tl.load(states_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
+    dS = tl.load(dstates_ptr + (ibh * NT + it) * K * V + kv).to(tl.float32)
     m, offk, offv = _chunk_offsets(ibh // H, ibh % H, it, T, H, K, V, C, ck, cv)
-    # Where the key side is loaded is a register-pressure choice (H200, q7b-L4k, one process):
-    # RWKV7 loads it after the V side, which cut _grad_kernel from 7.7 to 6.5 ms; RWKV6, with
-    # fewer operands, is faster loading it first.
+    # Where the key side is loaded is a register-pressure choice: RWKV7 is faster loading it after
+    # the V side, RWKV6, with fewer operands, loading it first (docs/kernels.md §3).
     if not DPLR:
-        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+        g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C = _chunk_prep(
+            r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
     v = tl.load(v_ptr + offv, mask=m, other=0.0).to(tl.float32)
     dy = (tl.load(dy_ptr + offv, mask=m, other=0.0).to(tl.float32) * scale).to(tl.float32)   # dŶ (see _dstate_kernel)
-    vdS = _sdot(v, tl.trans(dS), PREC)                 # [i, d] = v_i · dS_d
-    yS = _sdot(dy, tl.trans(S0), PREC)                 # dŶ S₀ᵀ
-    sdS = tl.sum(S0 * dS, axis=1)
+    v_dS = _sdot(v, tl.trans(dS), PREC)                # V dSᵀ: [i, d] = v_i · dS_d
+    dy_S0 = _sdot(dy, tl.trans(S0), PREC)              # dŶ S₀ᵀ
+    S0_dS = tl.sum(S0 * dS, axis=1)                    # rowsum(S₀ ⊙ dS)
     if DPLR:
         u = tl.load(u_ptr + offv, mask=m, other=0.0)
         dz = tl.load(dz_ptr + offv, mask=m, other=0.0)
-        udS = _sdot(u, tl.trans(dS), PREC)
-        zS = _sdot(dz, tl.trans(S0), PREC)
-    p = _pair_block(pv_ptr, ibh, it, NT, NM, C)
-    Yv = tl.load(p)                                                   # from _vpairs_kernel
+        u_dS = _sdot(u, tl.trans(dS), PREC)
+        dz_S0 = _sdot(dz, tl.trans(S0), PREC)
+    p = _pair_block(vpairs_ptr, ibh, it, NT, NM, C)
+    P_yv = tl.load(p)                                                 # from _vpairs_kernel
     if DPLR:
-        Yu = tl.load(p + C * C)
-        Zv = tl.load(p + 2 * C * C)
-        Zu = tl.load(p + 3 * C * C)
-        g, r, k, a, b, gam, gC, ref, qp, kn, r0, kC, ap, bn, a0, bC = _chunk_prep(
-            r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
-    c = tl.exp(gC) * sdS + tl.sum(kC * vdS, axis=0)  # rowsum(S_C ⊙ dS)
-    dr = tl.exp(gam) * yS + tl.exp(gam - ref[None, :]) * _dot(Yv, kn, PREC)
-    dk = tl.exp(gC[None, :] - gam) * vdS
-    dkin = _dot(tl.trans(Yv), qp, PREC)
+        P_yu = tl.load(p + C * C)
+        P_zv = tl.load(p + 2 * C * C)
+        P_zu = tl.load(p + 3 * C * C)
+        g, r, k, a, b, gam, gam_C, rho, q_plus, k_minus, q0, k_C, a_plus, b_minus, a0, b_C = _chunk_prep(
+            r_ptr, g_ptr, k_ptr, a_ptr, b_ptr, offk, m, DPLR, C)
+    c = tl.exp(gam_C) * S0_dS + tl.sum(k_C * v_dS, axis=0)           # rowsum(S_C ⊙ dS)
+    dr = tl.exp(gam) * dy_S0 + tl.exp(gam - rho[None, :]) * _dot(P_yv, k_minus, PREC)
+    dk = tl.exp(gam_C[None, :] - gam) * v_dS
+    dk_minus = _dot(tl.trans(P_yv), q_plus, PREC)                    # ∂L/∂k⁻
     if DPLR:
-        c += tl.sum(bC * udS, axis=0)
-        dr += tl.exp(gam - ref[None, :]) * _dot(Yu, bn, PREC)
-        dkin += _dot(tl.trans(Zv), ap, PREC)
-        db = tl.exp(gC[None, :] - gam) * udS + \
-            tl.exp(ref[None, :] - gam) * (_dot(tl.trans(Yu), qp, PREC) + _dot(tl.trans(Zu), ap, PREC))
-        da = tl.exp(gam - g) * zS + tl.exp(gam - g - ref[None, :]) * (_dot(Zv, kn, PREC) + _dot(Zu, bn, PREC))
-    dk += tl.exp(ref[None, :] - gam) * dkin
-    x = r * dr - k * dk
+        c += tl.sum(b_C * u_dS, axis=0)
+        dr += tl.exp(gam - rho[None, :]) * _dot(P_yu, b_minus, PREC)
+        dk_minus += _dot(tl.trans(P_zv), a_plus, PREC)
+        db = tl.exp(gam_C[None, :] - gam) * u_dS + \
+            tl.exp(rho[None, :] - gam) * (_dot(tl.trans(P_yu), q_plus, PREC) + _dot(tl.trans(P_zu), a_plus, PREC))
+        da = tl.exp(gam - g) * dz_S0 + tl.exp(gam - g - rho[None, :]) * (_dot(P_zv, k_minus, PREC) + _dot(P_zu, b_minus, PREC))
+    dk += tl.exp(rho[None, :] - gam) * dk_minus
+    x_ge = r * dr - k * dk                                            # summed over j ≥ i
     if DPLR:
-        x -= b * db
-        xa = a * da
-        dg = c[None, :] + tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x \
-            + tl.sum(xa, axis=0)[None, :] - tl.cumsum(xa, axis=0)
+        x_ge -= b * db
+        x_gt = a * da                                                 # summed over j > i
+        dg = c[None, :] + tl.sum(x_ge, axis=0)[None, :] - tl.cumsum(x_ge, axis=0) + x_ge \
+            + tl.sum(x_gt, axis=0)[None, :] - tl.cumsum(x_gt, axis=0)
     else:
-        dg = c[None, :] + tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
+        dg = c[None, :] + tl.sum(x_ge, axis=0)[None, :] - tl.cumsum(x_ge, axis=0) + x_ge
     tl.store(dr_ptr + offk, _cast(dr, dr_ptr, PREC), mask=m)
     tl.store(dk_ptr + offk, _cast(dk, dk_ptr, PREC), mask=m)
-    tl.store(dw_ptr + offk, _cast(dg, dw_ptr, PREC), mask=m)
+    tl.store(dg_ptr + offk, _cast(dg, dg_ptr, PREC), mask=m)
     if DPLR:
         tl.store(da_ptr + offk, _cast(da, da_ptr, PREC), mask=m)
         tl.store(db_ptr + offk, _cast(db, db_ptr, PREC), mask=m)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scale,
+def _step_kernel(r_ptr, g_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, DPLR: tl.constexpr):
     """Recurrent steps (decode), state updated in place; one program per (V block, batch·head):
     S ← diag(e^{g_t}) S + b_t (a_tᵀ S) + k_t v_tᵀ ;  y_t = scale · Sᵀ r_t."""
@@ -613,29 +652,26 @@ def _step_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s_ptr, y_ptr, T, scal
     S = tl.load(s_ptr + soff)
     for t in range(T):
         row = (ib * T + t) * H + ih
-        g = tl.load(w_ptr + row * K + ck).to(tl.float32)
+        g = tl.load(g_ptr + row * K + ck).to(tl.float32)
         r = tl.load(r_ptr + row * K + ck).to(tl.float32)
         k = tl.load(k_ptr + row * K + ck).to(tl.float32)
         v = tl.load(v_ptr + row * V + cv).to(tl.float32)
         if DPLR:
             a = tl.load(a_ptr + row * K + ck).to(tl.float32)
             b = tl.load(b_ptr + row * K + ck).to(tl.float32)
-            sa = tl.sum(a[:, None] * S, axis=0)                        # a_tᵀ S (BV,)
-            S = tl.exp(g)[:, None] * S + b[:, None] * sa[None, :] + k[:, None] * v[None, :]
+            aS = tl.sum(a[:, None] * S, axis=0)                        # a_tᵀ S (BV,)
+            S = tl.exp(g)[:, None] * S + b[:, None] * aS[None, :] + k[:, None] * v[None, :]
         else:
             S = tl.exp(g)[:, None] * S + k[:, None] * v[None, :]
         y = tl.sum(r[:, None] * S, axis=0) * scale
         tl.store(y_ptr + row * V + cv, y.to(y_ptr.dtype.element_ty))
     tl.store(s_ptr + soff, S)
 
-# Launch configuration, from H200 sweeps at the 7B shapes (docs/results-2xh200/fourth/sweep_*.txt).
-# Chunk C = 16: its mid-referenced factors stay within e^±40 for log w ≥ −5, and 32-row chunks made
-# RWKV7 forward+backward 7× slower (register spills; 64 rows overflow shared memory). The
-# sequential passes take V blocks of 64 with 4 warps (8 warps: 1.7× slower forward); _v_block
-# narrows the blocks when few heads would leave most SMs idle. _grad_kernel takes 32 key channels
-# × the whole V row with 4 warps (2 or 8 warps: 1.6-1.7× slower there; 64 channels 1.5×; 16
-# channels 2.3× at best, and still 1.3× with the V-side pair matrices precomputed,
-# docs/results-2xh200/sixth/ab.txt).
+
+# Launch configuration, from H200 sweeps at the 7B shapes (docs/kernels.md §3). Chunks of C = 16:
+# their mid-referenced factors stay within e^±40 for log w ≥ −5, and 32 rows spill registers. The
+# sequential passes take V blocks of 64 with 4 warps, narrowed by _v_block; _grad_kernel takes 32
+# key channels × the whole V row with 4 warps.
 _C, _BV, _BV_STEP, _BK = 16, 64, 32, 32
 _WARPS_SEQ, _WARPS_PAR, _WARPS_STEP = 4, 4, 4
 
@@ -647,9 +683,8 @@ def _sm_count(device):
 
 def _v_block(B, H, N, device):
     """V block of the sequential passes (one program per V block per head, walking all chunks):
-    halve it, down to 16, while twice the programs still fit on the SMs at once. On an H200 at
-    q7b-L16k (B1 H28 N128: 56 programs at 64) 32 cuts RWKV7 forward+backward from 23.8 to 17.7
-    ms; at q7b-L4k (224 programs) 32 is 8% slower than 64."""
+    halve it, down to 16, while twice the programs still fit on the SMs at once, so that a few
+    heads of one long sequence still keep the GPU busy."""
     bv, sms = min(N, _BV), _sm_count(device)
     while bv > 16 and 2 * B * H * (N // bv) <= sms:
         bv //= 2
@@ -658,8 +693,8 @@ def _v_block(B, H, N, device):
 
 def _prec(x):
     """Product precision, see _dot and _sdot: "tf32" for 16-bit inputs on a GPU (their own rounding
-    dominates: ~3e-3), "emu" for 16-bit inputs in the interpreter (its bf16 dots are wrong), "ieee"
-    for fp32 inputs (~1e-6, slower)."""
+    dominates), "emu" for 16-bit inputs in the interpreter (its bf16 dots are wrong), "ieee" for
+    fp32 inputs (exact to fp32, slower)."""
     if x.dtype == torch.float32:
         return "ieee"
     return "tf32" if x.is_cuda else "emu"
@@ -671,98 +706,99 @@ def _state_dtype(x):
     return torch.float32 if x.dtype == torch.float32 else torch.bfloat16
 
 
-def _pair_matrices(r, w, k, a, b):
-    """_pairs_kernel launch: p (B, H, NT, NM, C, C) fp32, NM = 5 for RWKV7 (A_qk, A_qb, A_ak, M,
-    M_z), 1 for RWKV6 (A_qk); q (B, H, NT, 2, C, N) fp32 (W, B) for RWKV7, p for RWKV6 (unread).
-    a = None for RWKV6."""
+def _pair_matrices(r, g, k, a, b):
+    """_pairs_kernel launch: pairs (B, H, NT, NM, C, C) fp32, NM = 5 for RWKV7 (A_qk, A_qb, A_ak,
+    M, M_z), 1 for RWKV6 (A_qk); W (B, H, NT, 2, C, N) fp32 (W, W_z) for RWKV7, pairs for RWKV6
+    (unread). g = log w; a = None for RWKV6."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
     NT, nm = triton.cdiv(T, _C), 5 if dplr else 1
     f32 = dict(device=r.device, dtype=torch.float32)
-    p = torch.empty(B, H, NT, nm, _C, _C, **f32)
-    q = torch.empty(B, H, NT, 2, _C, N, **f32) if dplr else p
-    _pairs_kernel[(NT, B * H)](r, w, k, a, b, p, q, T, H=H, K=N, C=_C, NM=nm, DPLR=dplr, PREC=_prec(r),
+    pairs = torch.empty(B, H, NT, nm, _C, _C, **f32)
+    W = torch.empty(B, H, NT, 2, _C, N, **f32) if dplr else pairs
+    _pairs_kernel[(NT, B * H)](r, g, k, a, b, pairs, W, T, H=H, K=N, C=_C, NM=nm, DPLR=dplr, PREC=_prec(r),
                                num_warps=_WARPS_SEQ)
-    return p, q
+    return pairs, W
 
 
-def _fwd(r, w, k, v, a, b, s0, scale, store):
-    """Forward launches. Returns y (r's dtype), S_T (fp32) and, when store, the pair matrices p
-    (_pair_matrices), the chunk states st (B, H, NT, N, N) in _state_dtype, st[:, :, n] = S₀ of
+def _fwd(r, g, k, v, a, b, s0, scale, store):
+    """Forward launches. Returns y (r's dtype), S_T (fp32) and, when store, (pairs, W) of
+    _pair_matrices, the chunk states (B, H, NT, N, N) in _state_dtype, states[:, :, n] = S₀ of
     chunk n, and (RWKV7) u (B, T, H, N) fp32 (else None)."""
     B, T, H, N = r.shape
     dplr = a is not None
-    p, q = _pair_matrices(r, w, k, a, b)
+    pairs, W = _pair_matrices(r, g, k, a, b)
     a, b = (a, b) if dplr else (r, r)                   # RWKV6: a, b never read
     NT, bv = triton.cdiv(T, _C), _v_block(B, H, N, r.device)
     f32 = dict(device=r.device, dtype=torch.float32)
     sT = torch.empty(B, H, N, N, **f32)
-    st = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r)) if store else None
+    states = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r)) if store else None
     u = torch.empty(B, T, H, N, **f32) if store and dplr else None
     y = torch.empty_like(r)
-    _fwd_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, sT if s0 is None else s0, sT if st is None else st, sT, y,
-                                  y if u is None else u, T, scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3],
-                                  DPLR=dplr, HAS_S0=s0 is not None, STORE=store, PREC=_prec(r),
-                                  num_warps=_WARPS_SEQ)
-    return y, sT, ((p, q) if store else None), st, u
+    _fwd_kernel[(N // bv, B * H)](r, g, k, v, a, b, pairs, W, sT if s0 is None else s0,
+                                  sT if states is None else states, sT, y, y if u is None else u, T, scale,
+                                  H=H, K=N, V=N, C=_C, BV=bv, NM=pairs.shape[3], DPLR=dplr,
+                                  HAS_S0=s0 is not None, STORE=store, PREC=_prec(r), num_warps=_WARPS_SEQ)
+    return y, sT, ((pairs, W) if store else None), states, u
 
 
-def _bwd(r, w, k, v, a, b, p, q, st, u, dy, dsT, scale):
-    """Backward launches. Returns dr, dw, dk, dv, da, db (the inputs' dtypes; None for RWKV6) and
+def _bwd(r, g, k, v, a, b, pairs, W, states, u, dy, dsT, scale):
+    """Backward launches. Returns dr, dg, dk, dv, da, db (the inputs' dtypes; None for RWKV6) and
     dS_0 (fp32)."""
     B, T, H, N = r.shape
     dplr = a is not None
     a, b = (a, b) if dplr else (r, r)
     NT, bv, bk = triton.cdiv(T, _C), _v_block(B, H, N, r.device), min(N, _BK)
     f32 = dict(device=r.device, dtype=torch.float32)
-    dst = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r))   # ∂L/∂S at every chunk's end
+    dstates = torch.empty(B, H, NT, N, N, device=r.device, dtype=_state_dtype(r))   # ∂L/∂S at every chunk's end
     ds0 = torch.empty(B, H, N, N, **f32)
     dv = torch.empty_like(v)
     dz = torch.empty(B, T, H, N, **f32) if dplr else dv
-    _dstate_kernel[(N // bv, B * H)](r, w, k, v, a, b, p, q, dy, ds0 if dsT is None else dsT, dst, ds0, dv, dz, T,
-                                     scale, H=H, K=N, V=N, C=_C, BV=bv, NM=p.shape[3], DPLR=dplr,
+    _dstate_kernel[(N // bv, B * H)](r, g, k, v, a, b, pairs, W, dy, ds0 if dsT is None else dsT, dstates, ds0,
+                                     dv, dz, T, scale, H=H, K=N, V=N, C=_C, BV=bv, NM=pairs.shape[3], DPLR=dplr,
                                      HAS_DST=dsT is not None, PREC=_prec(r), num_warps=_WARPS_SEQ)
     u = u if dplr else dv                               # RWKV6: u never read
-    nm = 4 if dplr else 1                               # Y_v (RWKV7: Y_u, Z_v, Z_u too)
-    pv = torch.empty(B, H, NT, nm, _C, _C, **f32)
-    _vpairs_kernel[(NT, B * H)](v, dy, u, dz, pv, T, scale, H=H, V=N, C=_C, NM=nm, DPLR=dplr,
+    nm = 4 if dplr else 1                               # P_yv (RWKV7: P_yu, P_zv, P_zu too)
+    vpairs = torch.empty(B, H, NT, nm, _C, _C, **f32)
+    _vpairs_kernel[(NT, B * H)](v, dy, u, dz, vpairs, T, scale, H=H, V=N, C=_C, NM=nm, DPLR=dplr,
                                 PREC=_prec(r), num_warps=_WARPS_SEQ)
-    dr, dw, dk = torch.empty_like(r), torch.empty_like(w), torch.empty_like(k)
+    dr, dg, dk = torch.empty_like(r), torch.empty_like(g), torch.empty_like(k)
     da, db = (torch.empty_like(a), torch.empty_like(b)) if dplr else (dr, dr)
-    _grad_kernel[(NT, N // bk, B * H)](r, w, k, v, a, b, st, dst, dy, u, dz, pv,
-                                       dr, dw, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, NM=nm,
+    _grad_kernel[(NT, N // bk, B * H)](r, g, k, v, a, b, states, dstates, dy, u, dz, vpairs,
+                                       dr, dg, dk, da, db, T, scale, H=H, K=N, V=N, C=_C, BK=bk, NM=nm,
                                        DPLR=dplr, PREC=_prec(r), num_warps=_WARPS_PAR)
-    return dr, dw, dk, dv, (da if dplr else None), (db if dplr else None), ds0
+    return dr, dg, dk, dv, (da if dplr else None), (db if dplr else None), ds0
 
 
 class _TritonAttn(torch.autograd.Function):
     """(r, log_w, k, v, a, b, S_0, scale) -> (y, S_T) through the chunked kernels; a = b = None
-    for RWKV6, S_0 = None for zeros. Saves the inputs, the chunk states and (RWKV7) u."""
+    for RWKV6, S_0 = None for zeros. Saves the inputs, the pair matrices, the chunk states and
+    (RWKV7) u."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, scale):
+    def forward(ctx, r, g, k, v, a, b, s0, scale):
         ctx.set_materialize_grads(False)                  # an unused y or S_T costs nothing
-        y, sT, (p, q), st, u = _fwd(r, w, k, v, a, b, s0, scale, store=True)
-        ctx.save_for_backward(r, w, k, v, a, b, p, q, st, u)
+        y, sT, (pairs, W), states, u = _fwd(r, g, k, v, a, b, s0, scale, store=True)
+        ctx.save_for_backward(r, g, k, v, a, b, pairs, W, states, u)
         ctx.scale, ctx.has_s0 = scale, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, p, q, st, u = ctx.saved_tensors
+        r, g, k, v, a, b, pairs, W, states, u = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
-        grads = _bwd(r, w, k, v, a, b, p, q, st, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
+        grads = _bwd(r, g, k, v, a, b, pairs, W, states, u, dy, None if dsT is None else dsT.contiguous(), ctx.scale)
         return (*grads[:6], grads[6] if ctx.has_s0 else None, None)
 
 
-def _launch_step(r, w, k, v, a, b, S, scale):
+def _launch_step(r, g, k, v, a, b, S, scale):
     """T recurrent steps without autograd, S (B, H, N, N) fp32 contiguous updated in place."""
     B, T, H, N = r.shape
     dplr = a is not None
     y = torch.empty_like(r)
     bv = min(N, _BV_STEP)
-    _step_kernel[(N // bv, B * H)](r, w, k, v, a if dplr else r, b if dplr else r, S, y, T, scale,
+    _step_kernel[(N // bv, B * H)](r, g, k, v, a if dplr else r, b if dplr else r, S, y, T, scale,
                                    H=H, K=N, V=N, BV=bv, DPLR=dplr, num_warps=_WARPS_STEP)
     return y, S
 
@@ -794,8 +830,10 @@ def _triton(r, log_w, k, v, a, b, state, scale):
     return _TritonAttn.apply(*xs, s0, scale)
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Public entry points
+# §4 Public entry points
 # ---------------------------------------------------------------------------------------------
 BACKENDS = ("auto", "naive", "torch", "triton")
 AUTO = "auto"   # what backend="auto" resolves to; "auto" picks per call (_attn). distill.py --backend pins
@@ -846,24 +884,24 @@ def _attn(variant, r, log_w, k, v, a, b, state, scale, backend):
     if a is not None:
         a, b = a.to(cd), b.to(cd)
     if backend == "naive":
-        y, S = _naive(q, log_w, k, v, a, b, S)
+        y, S = _recurrent(q, log_w, k, v, a, b, S)
     else:
         y, S = _chunked(q, log_w, k, v, a, b, S, CHUNK[variant])
     return y.to(r.dtype), S
 
 
 def rwkv7_attn(r, log_w, k, v, a, b, state=None, scale=None, backend="auto"):
-    """RAD-RWKV7 time mixing (METHOD §3), the DPLR / generalised delta rule, in [K, V] layout:
+    """RAD-RWKV7 time mixing (docs/method.md §3), the DPLR / generalised delta rule, in [K, V] layout:
 
         S_t = diag(e^{log_w_t}) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ
         y_t = scale · S_tᵀ r_t
 
-    r, log_w, k, v, a, b: (B, T, H, N), any float dtype; log_w ≤ 0 per key channel (METHOD keeps
+    r, log_w, k, v, a, b: (B, T, H, N), any float dtype; log_w ≤ 0 per key channel (RAD-RWKV7 keeps
         it in [−e^{−0.5}, 0); stronger decays also work, with a smaller chunk), a = −κ,
-        b = κ ⊙ iclr, k = k̃ = k ⊙ (1 − w + iclr) (state balancing).
+        b = κ ⊙ iclr, k = k̃ = k ⊙ (1 − w + iclr) (state balancing; iclr is the paper's a).
     state: (B, H, N, N) [K, V] initial state S_0, or None for zeros.
     scale: default N^-½.
-    backend: "naive" (step by step, the oracle), "torch" (chunked, autograd), "triton" (CUDA,
+    backend: "naive" (step by step, the reference), "torch" (chunked, autograd), "triton" (CUDA,
         power-of-two N ≥ 16, log_w ≥ −5; chunked kernels with autograd, and without grad for
         T < 16 a recurrent kernel that updates an fp32 contiguous `state` in place and returns
         it), "auto" (triton on CUDA where it applies; otherwise torch, except T = 1 without
@@ -876,244 +914,14 @@ def rwkv7_attn(r, log_w, k, v, a, b, state=None, scale=None, backend="auto"):
 
 
 def rwkv6_attn(r, log_w, k, v, state=None, scale=None, backend="auto"):
-    """RAD-RWKV6 time mixing (METHOD §4), gated linear attention, in [K, V] layout:
+    """RAD-RWKV6 time mixing (docs/method.md §4; QLinAtt, §5, at log_w = 0), gated linear attention,
+    in [K, V] layout:
 
         S_t = diag(e^{log_w_t}) S_{t-1} + k_t v_tᵀ
         y_t = scale · S_tᵀ r_t
 
-    r, log_w, k, v: (B, T, H, N), any float dtype; log_w ≤ 0 per key channel (METHOD clamps it to
+    r, log_w, k, v: (B, T, H, N), any float dtype; log_w ≤ 0 per key channel (RAD-RWKV6 clamps it to
         [−5, 0); stronger decays also work, with a smaller chunk); k is already state-balanced.
     state, scale, backend and the results: as rwkv7_attn.
     """
     return _attn("rwkv6", r, log_w, k, v, None, None, state, scale, backend)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Benchmark, same run, same machine: CPU: chunked torch path vs step-by-step; GPU: the Triton
-#    backend vs fla's kernels (BENCHMARKS.md anchors), SDPA and decode
-# ---------------------------------------------------------------------------------------------
-SHAPES = {"smol-L512": (16, 512, 9, 64), "smol-L4k": (2, 4096, 9, 64),      # BENCHMARKS.md
-          "q7b-L512": (32, 512, 28, 128), "q7b-L4k": (4, 4096, 28, 128), "q7b-L16k": (1, 16384, 28, 128)}
-
-
-# On CPU only what fits a 2-core machine: smol-L512 at B = 2, and smol-L4k at B = 1, T = 1024.
-# There the chunked forward is only ~2× the step loop (RWKV7 at N = 64 does ~2× the recurrence's
-# arithmetic, in matmuls that run ~4× faster); forward+backward gains 7-20×, since autograd of
-# the step loop walks T tiny steps back. On a shared CPU use --threads 1: two OpenMP threads
-# waiting on a busy core made single runs up to 100× slower.
-CPU_SHAPES = {"smol-L512": dict(B=2), "smol-L4k": dict(B=1, T=1024)}
-
-
-@dataclass
-class BenchConfig:
-    shapes: str = ""          # comma-separated SHAPES names; "" = all on GPU, CPU_SHAPES on CPU
-    batch: int = 0            # override B (0 = the shape's own, reduced on CPU)
-    seq: int = 0              # override T (0 = the shape's own, reduced on CPU)
-    variants: str = "rwkv7,rwkv6"
-    reps: int = 5             # timed repetitions on CPU (median); GPU uses triton's do_bench
-    threads: int = 0          # CPU threads (0 = torch's default)
-    naive_gb: float = 8.0     # skip the naive fwd+bwd when its saved states exceed this
-    fla_shapes: str = ""      # GPU: shapes that also time fla and SDPA; "" = every shape timed (fla's cold
-                              # autotuning takes minutes per shape: name fewer to save time)
-
-
-def bench_inputs(variant, B, T, H, N, dtype, device, seed=0):
-    """Inputs in the range METHOD's parameterisation produces, requiring grad."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda: torch.randn(B, T, H, N, generator=gen)
-    r, k, v = rnd(), rnd(), rnd()
-    if variant == "rwkv7":
-        log_w = -math.exp(-0.5) * torch.sigmoid(rnd())
-        kk, iclr = F.normalize(rnd(), dim=-1), torch.sigmoid(rnd())
-        xs = dict(r=r, log_w=log_w, k=k * (1 - log_w.exp() + iclr), v=v, a=-kk, b=kk * iclr)
-    else:
-        log_w = torch.clamp(-torch.exp(rnd()), min=-5.0)
-        xs = dict(r=r, log_w=log_w, k=k * (1 - log_w.exp()), v=v)
-    return {n: x.to(device, dtype if n != "log_w" else torch.float32).requires_grad_()
-            for n, x in xs.items()}
-
-
-def _time_ms(fn, cuda, reps):
-    if cuda:
-        import triton
-        return triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
-    fn()                                                              # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * sorted(ts)[len(ts) // 2]
-
-
-def bench(cfg: BenchConfig):
-    """One row per backend: forward and forward+backward time, and the speed-up over naive."""
-    cuda = torch.cuda.is_available()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cuda:                              # the Triton backend against fla, SDPA and decode
-        return bench_gpu(cfg)
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # bf16 is slow on CPU
-    names = cfg.shapes.split(",") if cfg.shapes else list(SHAPES if cuda else CPU_SHAPES)
-    backends = ["naive", "torch"] + (["triton"] if cuda and _HAVE_TRITON else [])
-    fns = {"rwkv7": rwkv7_attn, "rwkv6": rwkv6_attn}
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, inputs {dtype}, "
-          f"{torch.get_num_threads()} threads; median ms; x = naive time / this time")
-    head = (f"{'shape':<10} {'B':>3} {'T':>6} {'H':>3} {'N':>4} {'variant':<7} {'backend':<7} "
-            f"{'fwd':>9} {'x':>6} {'fwd+bwd':>9} {'x':>6}")
-    print(head + "\n" + "-" * len(head))
-    for name in names:
-        if name not in SHAPES:
-            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
-        B, T, H, N = SHAPES[name]
-        small = {} if cuda else CPU_SHAPES.get(name, {})
-        B, T = cfg.batch or small.get("B", B), cfg.seq or small.get("T", T)
-        for variant in cfg.variants.split(","):
-            xs = bench_inputs(variant, B, T, H, N, dtype, device)
-            cot = [torch.randn_like(xs["v"]), torch.randn(B, H, N, N, device=device)]
-            ms = {}
-            for backend in backends:
-                call = lambda: fns[variant](**xs, backend=backend)
-                with torch.no_grad():
-                    f = _time_ms(call, cuda, cfg.reps)
-                fb = lambda: torch.autograd.grad(call(), list(xs.values()), cot)
-                saved_gb = B * H * T * N * N * 4 / 1e9 * (2 if variant == "rwkv7" else 1)
-                skip = backend == "naive" and saved_gb > cfg.naive_gb    # the oracle keeps every S_t
-                ms[backend] = f, (float("nan") if skip else _time_ms(fb, cuda, cfg.reps))
-                x_f, x_fb = (ms["naive"][i] / ms[backend][i] for i in (0, 1))
-                print(f"{name:<10} {B:>3} {T:>6} {H:>3} {N:>4} {variant:<7} {backend:<7} "
-                      f"{ms[backend][0]:>9.2f} {x_f:>6.1f} {ms[backend][1]:>9.2f} {x_fb:>6.1f}", flush=True)
-
-
-def _fla():
-    """fla's kernels (the anchors of BENCHMARKS.md) when installed, else None."""
-    try:
-        from fla.ops.gla import chunk_gla
-        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
-    except ImportError:
-        return None
-    return chunk_rwkv7, chunk_gla, fused_recurrent_rwkv7
-
-
-def _peak_mib(fn):
-    """Peak CUDA memory of one call above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def bench_gpu(cfg: BenchConfig):
-    """GPU: the Triton backend next to fla's chunk_rwkv7 (default and the best configuration for
-    RAD-RWKV7's decay range), chunk_gla and causal SDPA, same inputs and run (BENCHMARKS.md);
-    ratio = ours / the faster fla call. Then one decode step against fused_recurrent_rwkv7."""
-    import triton
-    fla = _fla()
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    names = cfg.shapes.split(",") if cfg.shapes else list(SHAPES)
-    anchored = set(cfg.fla_shapes.split(",") if cfg.fla_shapes else names)
-    print(f"device {torch.cuda.get_device_name()}, bf16 inputs, fp32 state; median ms; "
-          f"ratio = ours / fla (the faster of fla's calls); peak = extra MiB of one fwd+bwd"
-          + ("" if fla else "; fla not installed: no anchors"))
-    head = (f"{'shape':<10} {'variant':<7} {'ours f':>8} {'ours f+b':>9} {'fla f':>8} {'fla f+b':>8} "
-            f"{'ratio f':>7} {'ratio fb':>8} {'sdpa f+b':>8} {'peak':>7} {'fla peak':>8}")
-    print(head + "\n" + "-" * len(head))
-    for name in names:
-        B, T, H, N = SHAPES[name]
-        for variant in cfg.variants.split(","):
-            xs = bench_inputs(variant, B, T, H, N, torch.bfloat16, "cuda")
-            dy = torch.randn_like(xs["v"])
-            fn = rwkv7_attn if variant == "rwkv7" else rwkv6_attn
-            with torch.no_grad():
-                f = bench(lambda: fn(**xs, backend="triton"))
-            fb_call = lambda: fn(**xs, backend="triton")[0].backward(dy)
-            fb = bench(fb_call)
-            peak = _peak_mib(fb_call)
-            row = dict(f=f, fb=fb, peak=peak)
-            if name in anchored:
-                x = {n: t.detach().bfloat16().requires_grad_() for n, t in xs.items()}   # fla: bf16 log w
-                if fla and variant == "rwkv7":
-                    calls = [lambda: fla[0](x["r"], x["log_w"], x["k"], x["v"], x["a"], x["b"], scale=N ** -0.5)[0],
-                             lambda: fla[0](x["r"], x["log_w"], x["k"], x["v"], x["a"], x["b"], scale=N ** -0.5,
-                                            safe_gate=True, lower_bound=-math.exp(-0.5), chunk_size=64)[0]]
-                elif fla:
-                    calls = [lambda: fla[1](x["r"], x["k"], x["v"], x["log_w"], scale=N ** -0.5)[0]]
-                if fla:
-                    with torch.no_grad():
-                        row["fla_f"] = min(bench(c) for c in calls)
-                    fbs = [(bench(lambda c=c: c().backward(dy)), c) for c in calls]
-                    row["fla_fb"], best = min(fbs, key=lambda t: t[0])
-                    row["fla_peak"] = _peak_mib(lambda: best().backward(dy))
-                q, k_, v_ = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (x["r"], x["k"], x["v"]))
-                do = dy.transpose(1, 2).contiguous()
-                row["sdpa_fb"] = bench(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True).backward(do))
-                del x, q, k_, v_
-            get = lambda key: row.get(key, float("nan"))
-            print(f"{name:<10} {variant:<7} {f:>8.3f} {fb:>9.3f} {get('fla_f'):>8.3f} {get('fla_fb'):>8.3f} "
-                  f"{f / get('fla_f'):>7.2f} {fb / get('fla_fb'):>8.2f} {get('sdpa_fb'):>8.3f} "
-                  f"{peak:>7.0f} {get('fla_peak'):>8.0f}", flush=True)
-            del xs
-            torch.cuda.empty_cache()
-    bench_decode(fla, bench)
-
-
-def bench_decode(fla, bench):
-    """One decode step at H=28, N=128, batch 1 and 64, against fla's fused_recurrent_rwkv7 (fla:
-    _fla()'s kernels, or None) and a copy of the state; bench(fn) -> ms."""
-    # The step reads and writes the whole fp32 state: a device copy of it is the floor it cannot beat.
-    # At batch 1 a call is bound by its launch from Python; a CUDA graph replays the captured
-    # kernels without it, which is how a decoding loop would run them (fla's call graphed too).
-    print(f"\ndecode step, H=28, N=128 (RWKV7), µs; graph = the call captured in a CUDA graph, replayed\n"
-          f"{'batch':>5} {'ours':>8} {'fla':>8} {'ratio':>6} {'ours graph':>10} {'fla graph':>9} "
-          f"{'graph/fla':>9} {'graph/graph':>11} {'state copy':>10}")
-    for B in (1, 64):
-        with torch.no_grad():
-            xs = {n: t.detach() for n, t in bench_inputs("rwkv7", B, 1, 28, 128, torch.bfloat16, "cuda").items()}
-            S, S2 = torch.zeros(B, 28, 128, 128, device="cuda"), torch.empty(B, 28, 128, 128, device="cuda")
-            w16 = xs["log_w"].bfloat16()
-            ours_call = lambda: rwkv7_attn(**xs, state=S, backend="triton")
-            fla_call = lambda: fla[2](xs["r"], w16, xs["k"], xs["v"], xs["a"], xs["b"], scale=128 ** -0.5,
-                                      initial_state=S, output_final_state=True)
-            t = dict(ours=bench(ours_call), ours_graph=bench(_graphed(ours_call)), copy=bench(lambda: S2.copy_(S)))
-            if fla:
-                t["fla"] = bench(fla_call)
-                try:
-                    t["fla_graph"] = bench(_graphed(fla_call))
-                except Exception as e:                # the comparison stays with fla's plain call
-                    print(f"fla's call could not be captured in a CUDA graph: {e}")
-        us = {n: 1e3 * t.get(n, float("nan")) for n in ("ours", "fla", "ours_graph", "fla_graph", "copy")}
-        print(f"{B:>5} {us['ours']:>8.1f} {us['fla']:>8.1f} {us['ours'] / us['fla']:>6.2f} {us['ours_graph']:>10.1f} "
-              f"{us['fla_graph']:>9.1f} {us['ours_graph'] / us['fla']:>9.2f} {us['ours_graph'] / us['fla_graph']:>11.2f} "
-              f"{us['copy']:>10.1f}", flush=True)
-
-
-def _graphed(fn):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream, which compile and
-    autotune outside the capture); returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bench", action="store_true", help="time the backends (the only action)")
-    for f, d in BenchConfig.__dataclass_fields__.items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(d.default), default=d.default)
-    args = p.parse_args()
-    if not args.bench:
-        p.error("nothing to do; pass --bench")
-    bench(BenchConfig(**{f: getattr(args, f) for f in BenchConfig.__dataclass_fields__}))
-
-
-if __name__ == "__main__":
-    main()

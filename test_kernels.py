@@ -1,14 +1,15 @@
 """Parity tests for kernels.py (CPU, ~10 s): every backend of every recurrence against fp64 oracles.
 
-The oracles: the step-by-step backend (`naive`), and an independent loop written here directly
-from METHOD.md's equations in METHOD's own layout (RWKV7's S is [V, K] there), so that a layout
-or sign bug shared by the kernels cannot hide. Errors are relative RMS (fla's metric), printed
-per tensor when a check fails.
+The oracles: kernels.rwkv7_naive / rwkv6_naive, the recurrences as docs/method.md §3-§4 write them
+(the paper's parameterisation, and RWKV7's S in the paper's [V, K] layout), so that a layout or
+sign bug shared by the kernel-form backends cannot hide; and, for gradients, the step-by-step
+kernel-form backend (`naive`), itself checked against them. Errors are relative RMS (fla's
+metric), printed per tensor when a check fails.
 
     python -m pytest -x -q test_kernels.py
 
-A new mixer (issue 11) adds one entry to VARIANTS (its entry point, an input maker and a METHOD
-oracle) and the parametrised tests below cover it.
+A new mixer adds one entry to VARIANTS (its entry point, an input maker and a paper-form oracle)
+and the parametrised tests below cover it.
 """
 import math
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import CHUNK, _chunked, _safe_chunk, rwkv6_attn, rwkv7_attn
+from kernels import CHUNK, _chunked, _safe_chunk, rwkv6_attn, rwkv6_naive, rwkv7_attn, rwkv7_naive
 
 F64 = torch.float64
 
@@ -78,7 +79,7 @@ def slice_t(inputs: dict, lo, hi, state):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs from METHOD's parameterisation, and the METHOD oracles
+# Inputs from the paper's parameterisation (docs/method.md §3-§4), and the paper-form oracles
 # ---------------------------------------------------------------------------------------------
 
 def _log_w(lo, decay, rnd, shape, g):
@@ -94,9 +95,9 @@ def _log_w(lo, decay, rnd, shape, g):
 
 
 def make_rwkv7(B=2, T=17, H=2, N=24, decay="random", seed=0, loud=1.0):
-    """RAD-RWKV7 inputs built from METHOD §3's quantities. Returns (kernel inputs, METHOD dict).
-    decay='adversarial': near-identical κ over time with iclr ≈ 1 (the hard case for the
-    triangular solve, KERNELS.md)."""
+    """RAD-RWKV7 inputs built from docs/method.md §3's quantities. Returns (kernel inputs, the
+    paper-form quantities rwkv7_naive takes). decay='adversarial': near-identical κ over time with
+    iclr ≈ 1 (the hard case for the triangular solve, docs/kernels.md §4)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
     shape = (B, T, H, N)
@@ -110,23 +111,17 @@ def make_rwkv7(B=2, T=17, H=2, N=24, decay="random", seed=0, loud=1.0):
     k_t = k * (1 - log_w.exp() + iclr)                                # state balancing
     state = 0.5 * rnd(B, H, N, N)                                     # [K, V]
     inputs = dict(r=r, log_w=log_w, k=k_t, v=v, a=-kk, b=kk * iclr, state=state)
-    return inputs, dict(r=r, w=log_w.exp(), kk=kk, iclr=iclr, k_t=k_t, v=v, S0=state.mT)
+    return inputs, dict(r=r, w=log_w.exp(), k=k_t, v=v, kk=kk, a=iclr, state=state.mT)   # S_0 [V, K]
 
 
-def method_rwkv7(m):
-    """METHOD §3 verbatim, S [V, K], row vectors:
-    S_t = S_{t-1} (diag(w_t) − κ_tᵀ (iclr_t ⊙ κ_t)) + v_tᵀ k̃_t,   y_t = S_t r_tᵀ · N^-½."""
-    S, N, ys = m["S0"], m["r"].shape[-1], []
-    for t in range(m["r"].shape[1]):
-        w, kk, iclr = m["w"][:, t], m["kk"][:, t], m["iclr"][:, t]            # (B, H, N)
-        P = torch.diag_embed(w) - kk[..., :, None] * (iclr * kk)[..., None, :]
-        S = S @ P + m["v"][:, t, :, :, None] * m["k_t"][:, t, :, None, :]
-        ys.append((S @ m["r"][:, t, :, :, None])[..., 0] * N ** -0.5)
-    return {"y": torch.stack(ys, 1), "S": S.mT}                       # S back to [K, V]
+def oracle_rwkv7(m):
+    """rwkv7_naive on make_rwkv7's paper-form quantities; its [V, K] state back to [K, V]."""
+    y, S = rwkv7_naive(**m)
+    return {"y": y, "S": S.mT}
 
 
 def make_rwkv6(B=2, T=17, H=2, N=24, decay="random", seed=0, loud=1.0):
-    """RAD-RWKV6 inputs built from METHOD §4's quantities (log w down to −5)."""
+    """RAD-RWKV6 inputs built from docs/method.md §4's quantities (log w down to −5)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
     shape = (B, T, H, N)
@@ -135,30 +130,26 @@ def make_rwkv6(B=2, T=17, H=2, N=24, decay="random", seed=0, loud=1.0):
     k_b = k * (1 - log_w.exp())                                       # state balancing
     state = 0.5 * rnd(B, H, N, N)
     inputs = dict(r=r, log_w=log_w, k=k_b, v=v, state=state)
-    return inputs, dict(r=r, w=log_w.exp(), k=k_b, v=v, S0=state)
+    return inputs, dict(r=r, w=log_w.exp(), k=k_b, v=v, state=state)
 
 
-def method_rwkv6(m):
-    """METHOD §4 verbatim, S [K, V], row vectors: S_t = diag(w_t) S_{t-1} + k_tᵀ v_t,
-    y_t = (r_t · N^-½) S_t."""
-    S, N, ys = m["S0"], m["r"].shape[-1], []
-    for t in range(m["r"].shape[1]):
-        S = torch.diag_embed(m["w"][:, t]) @ S + m["k"][:, t, :, :, None] * m["v"][:, t, :, None, :]
-        ys.append((m["r"][:, t, :, None, :] * N ** -0.5 @ S)[..., 0, :])
-    return {"y": torch.stack(ys, 1), "S": S}
+def oracle_rwkv6(m):
+    """rwkv6_naive on make_rwkv6's paper-form quantities (its state is [K, V] already)."""
+    y, S = rwkv6_naive(**m)
+    return {"y": y, "S": S}
 
 
 @dataclass
 class Variant:
     attn: Callable      # public entry point: (**inputs, backend=...) -> (y, S)
-    make: Callable      # (B, T, H, N, decay, seed, loud) -> (inputs incl. state, METHOD dict)
-    method: Callable    # METHOD dict -> {"y", "S"} in the kernel's layout
+    make: Callable      # (B, T, H, N, decay, seed, loud) -> (inputs incl. state, paper-form quantities)
+    oracle: Callable    # paper-form quantities -> {"y", "S"}, S in the kernels' [K, V] layout
     decays: tuple       # decay regimes worth testing
 
 
 VARIANTS = {
-    "rwkv7": Variant(rwkv7_attn, make_rwkv7, method_rwkv7, ("random", "strongest", "mixed", "adversarial")),
-    "rwkv6": Variant(rwkv6_attn, make_rwkv6, method_rwkv6, ("random", "strongest", "mixed")),
+    "rwkv7": Variant(rwkv7_attn, make_rwkv7, oracle_rwkv7, ("random", "strongest", "mixed", "adversarial")),
+    "rwkv6": Variant(rwkv6_attn, make_rwkv6, oracle_rwkv6, ("random", "strongest", "mixed")),
 }
 TS = (1, 15, 16, 17, 63, 64, 65, 300)
 
@@ -170,7 +161,7 @@ TS = (1, 15, 16, 17, 63, 64, 65, 300)
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tensors are tiny: one thread is faster, and on a shared CPU two OpenMP threads
-    waiting for each other made this file ~100× slower."""
+    waiting for each other make this file far slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -180,16 +171,16 @@ def one_thread():
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_all_paths_match_method(variant, T):
-    """fp64, non-zero S_0: naive, chunked and the T = 1 decode loop all equal METHOD's loop."""
+    """fp64, non-zero S_0: naive, chunked and the T = 1 decode loop all equal the paper-form loop."""
     V = VARIANTS[variant]
     N = 64 if T in (16, 65) else 24
     inputs, m = V.make(B=2, T=T, H=2, N=N, seed=T)
-    ref = V.method(m)
+    ref = V.oracle(m)
     for path, out in [("naive", fwd_bwd(V.attn, inputs, backend="naive")),
                       ("torch", fwd_bwd(V.attn, inputs, backend="torch")),
                       ("decode", run_stepwise(V.attn, inputs))]:
         assert out["y"].dtype == F64 and out["S"].dtype == F64
-        check_close(out, ref, 1e-10, f"{variant} {path} T={T} N={N} vs METHOD")
+        check_close(out, ref, 1e-10, f"{variant} {path} T={T} N={N} vs paper form")
 
 
 @pytest.mark.parametrize("T", TS)
@@ -237,13 +228,12 @@ def test_state_carries_across_calls(variant, split):
                 f"{variant} split {split}")
 
 
-# fp32 against fp64 (measured on CPU: forward ≤ 6e-7, gradients ≤ 1.1e-6; the step-by-step
-# path in fp32 sits at ~1-2e-7. Bounds with margin.)
+# fp32 against fp64: bounds with margin over the errors measured on CPU (docs/kernels.md §4).
 @pytest.mark.parametrize("variant,decay,loud", [
     ("rwkv7", "random", 1.0), ("rwkv7", "strongest", 1.0), ("rwkv7", "adversarial", 1.0),
     ("rwkv6", "random", 1.0), ("rwkv6", "strongest", 30.0), ("rwkv6", "mixed", 1.0)])
 def test_fp32_chunked_vs_fp64(variant, decay, loud):
-    """fp32 chunked path against the fp64 METHOD loop (forward) and fp64 naive (gradients), at
+    """fp32 chunked path against the fp64 paper-form loop (forward) and fp64 naive (gradients), at
     N = 64 and T = 300. loud = 30 makes the anti-causal side of the pairwise matrices overflow
     fp32 at log w = −5: it must stay masked."""
     V = VARIANTS[variant]
@@ -251,7 +241,7 @@ def test_fp32_chunked_vs_fp64(variant, decay, loud):
     ref = fwd_bwd(V.attn, inputs, None, backend="naive")
     cot = cotangents(ref)
     ref = fwd_bwd(V.attn, inputs, cot, backend="naive")
-    check_close({"y": ref["y"], "S": ref["S"]}, V.method(m), 1e-10, f"{variant} naive vs METHOD")
+    check_close({"y": ref["y"], "S": ref["S"]}, V.oracle(m), 1e-10, f"{variant} naive vs paper form")
     got = fwd_bwd(V.attn, {n: x.float() for n, x in inputs.items()},
                   {n: c.float() for n, c in cot.items()}, backend="torch")
     assert got["y"].dtype == torch.float32 and got["S"].dtype == torch.float32
@@ -267,7 +257,7 @@ def test_bf16_inputs_and_dtypes(variant):
     """bf16 in: y in bf16, state in fp32, close to fp64; an fp32 state may feed fp64 inputs."""
     V = VARIANTS[variant]
     inputs, m = V.make(B=2, T=40, H=2, N=32, seed=5)
-    ref = V.method(m)
+    ref = V.oracle(m)
     low = {n: (x.float() if n == "state" else x.bfloat16()) for n, x in inputs.items()}
     for backend in ("naive", "torch"):
         y, S = V.attn(**low, backend=backend)
@@ -279,8 +269,8 @@ def test_bf16_inputs_and_dtypes(variant):
 
 
 def test_chunk_not_shrunk_within_method_bounds():
-    """At METHOD's strongest decays the production chunk sizes are used as they are (so the
-    tests above exercise them), in fp32 as computed by the model."""
+    """At the parameterisations' strongest decays (docs/method.md §3-§4) the production chunk
+    sizes are used as they are (so the tests above exercise them), in fp32 as computed by the model."""
     rwkv6_bound = torch.clamp(-torch.tensor([1e3]).exp(), min=-5.0)
     rwkv7_bound = -math.exp(-0.5) * torch.sigmoid(torch.tensor([1e3]))
     assert _safe_chunk(rwkv6_bound, CHUNK["rwkv6"]) == CHUNK["rwkv6"] == 16
@@ -289,7 +279,8 @@ def test_chunk_not_shrunk_within_method_bounds():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decays_beyond_the_parameterisation(variant):
-    """log w = −40 (far past METHOD's bounds): the chunk shrinks and the result stays exact."""
+    """log w = −40 (far past the parameterisations' bounds): the chunk shrinks and the result
+    stays exact."""
     V = VARIANTS[variant]
     inputs, _ = V.make(B=1, T=50, H=2, N=24, seed=11)
     inputs["log_w"] = torch.where(inputs["log_w"] < inputs["log_w"].median(), -40.0, inputs["log_w"])
@@ -311,11 +302,11 @@ def test_default_state_and_scale():
 
 
 def test_auto_routes_cpu_decode_to_one_step(monkeypatch):
-    """auto on CPU: T = 1 without grad runs one naive step; with grad or T > 1, the chunked path;
-    kernels.AUTO pins what auto means."""
+    """auto on CPU: T = 1 without grad runs one kernel-form step; with grad or T > 1, the chunked
+    path; kernels.AUTO pins what auto means."""
     import kernels
-    used, naive, chunked = [], kernels._naive, kernels._chunked
-    monkeypatch.setattr(kernels, "_naive", lambda *a: used.append("naive") or naive(*a))
+    used, recurrent, chunked = [], kernels._recurrent, kernels._chunked
+    monkeypatch.setattr(kernels, "_recurrent", lambda *a: used.append("naive") or recurrent(*a))
     monkeypatch.setattr(kernels, "_chunked", lambda *a: used.append("torch") or chunked(*a))
     inputs, _ = make_rwkv6(B=1, T=3, H=1, N=8)
     one = slice_t(inputs, 0, 1, inputs["state"])
