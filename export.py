@@ -10,29 +10,32 @@ then, anywhere with torch + transformers (no radlads checkout):
 
 The folder holds config.json (auto_map + every StudentConfig field under `student`: variant, RoPE θ
 and flag, LoRA ranks, ..., so nothing falls back to a default — the reference export silently
-turned RoPE off and used the wrong θ, METHOD §10), model.safetensors (sharded with an index above
---max-shard-size), generation_config.json, the tokenizer (tokenizer.json, tokenizer_config.json with
-the chat template and bos/eos, special_tokens_map.json) and the remote code:
+turned RoPE off and used the wrong θ, docs/method.md §12), model.safetensors (sharded with an index
+above --max-shard-size), generation_config.json, the tokenizer (tokenizer.json, tokenizer_config.json
+with the chat template and bos/eos, special_tokens_map.json) and the remote code, plain copies of this
+checkout's files (one implementation):
 
   modeling_radlads.py   hf/modeling_radlads.py, the small PreTrainedModel/GenerationMixin wrapper
-  radlads_model.py      model.py          } copied from this checkout with imports made relative
-  radlads_kernels.py    kernels.py        } (one source of truth); CLI entry points dropped
-  radlads_teacher.py    the torch-only pieces model.py imports from teacher.py (inspect.getsource)
+  radlads_model.py      model.py, whole       } with `from kernels import` -> `from .radlads_kernels
+  radlads_kernels.py    kernels.py, whole     } import` (likewise model, teacher)
+  radlads_teacher.py    teacher.py's RMSNorm, RoPE, Attention and MLP (TEACHER_PIECES), the modules
+                        model.py builds on
 
-transformers demands every package a remote file imports outside try blocks, so the shipped files
-import only the standard library, torch, safetensors, numpy and (the wrapper) transformers; an
-optional package such as triton is imported inside try/except, and export checks this.
+transformers loads the folder as a package: it copies the files named in `from .x import` lines, and
+refuses a file that imports a package which is not installed, unless the import is inside a try
+block. So the shipped files import only the standard library, torch, safetensors and (the wrapper)
+transformers, kernels.py imports triton inside try/except, and teacher.py's loaders (gguf, jinja2,
+tokenizers) stay behind.
 
 The checkpoint (a Student.save folder) has no tokenizer: it comes from --teacher (a teacher path as
 in teacher.py; default the embedded SmolLM2) unless the checkpoint folder has its own tokenizer.json.
 
 --retie: for teachers with tied embeddings, lm_head is tied to the embedding in the export (one
 matrix, V·C fewer parameters: 28M of 163M for SmolLM2-135M). The student trained an untied head
-(METHOD §2: tied embeddings train badly), so after training this changes the outputs: check the
-exported model's perplexity before shipping it. At init (head = embedding copy) it is exact.
+(docs/method.md §2: tied embeddings train badly), so after training this changes the outputs: check
+the exported model's perplexity before shipping it. At init (head = embedding copy) it is exact.
 """
 import argparse
-import ast
 import inspect
 import json
 import re
@@ -44,14 +47,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import model as model_lib
 import teacher as teacher_lib
 from model import MIXERS, Student, StudentConfig
 
 REPO = Path(__file__).resolve().parent
-WRAPPER = REPO / "hf" / "modeling_radlads.py"
-SHIPPED_PREFIX = "radlads_"
-# what the shipped files may import outside try blocks (transformers' check_imports demands the rest)
-ALLOWED_IMPORTS = {"torch", "safetensors", "numpy", "transformers", "__future__"} | set(sys.stdlib_module_names)
+PROJECT = ("model", "kernels", "teacher")   # the project files the shipped copies may import
+# what model.py takes from teacher.py; the rest of teacher.py reads teacher files and tokenizers
+# (gguf, jinja2, tokenizers), which the exported model does not need
+TEACHER_PIECES = ("RMSNorm", "rope_inv_freq", "rope_cos_sin", "apply_rope", "Attention", "MLP")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -70,157 +74,39 @@ class ExportConfig:
     teacher: str | None = None    # tokenizer source when the checkpoint has none (default: embedded)
 
 
-# ---------------------------------------------------------------- remote code from our sources
+# ---------------------------------------------------------------- remote code: copies of our files
 
-def _imports(tree: ast.AST):
-    """Import nodes as transformers' get_imports sees them: everywhere except inside try blocks."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Try):
-            continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
-def _top_module(node) -> str | None:
-    """The package an import statement needs (None: relative); `import a, b` counts as a's."""
-    if isinstance(node, ast.ImportFrom):
-        return None if node.level else node.module.split(".")[0]
-    return node.names[0].name.split(".")[0]
+def relative_imports(name: str) -> str:
+    """The project file `name` (model or kernels) with its imports of project files made relative:
+    `from kernels import x` -> `from .radlads_kernels import x`."""
+    src = (REPO / f"{name}.py").read_text()
+    if re.search(rf"^\s*import ({'|'.join(PROJECT)})\b", src, flags=re.M):
+        raise ExportError(f"{name}.py: write `from kernels import ...` rather than `import kernels` "
+                          "(export.py ships project files as relative `from .radlads_x import` lines)")
+    return (f"# Copied by radlads export.py from {name}.py; edit the project's file, not this copy.\n"
+            + re.sub(rf"^(\s*)from ({'|'.join(PROJECT)}) import", r"\1from .radlads_\2 import", src, flags=re.M))
 
 
-def _packages(src: str) -> set[str]:
-    """Every top-level package the file imports outside try blocks (transformers' rule)."""
-    return {a.name.split(".")[0] if isinstance(n, ast.Import) else _top_module(n)
-            for n in _imports(ast.parse(src)) for a in n.names} - {None}
-
-
-def _local(node) -> str | None:
-    """The project module an import names, dotted when it lives in a folder (a fork's mixer:
-    examples.linear_attention); None for anything else."""
-    name = (None if node.level else node.module) if isinstance(node, ast.ImportFrom) else node.names[0].name
-    return name if name and _source(name).is_file() else None
-
-
-def _source(mod: str) -> Path:
-    return REPO / (mod.replace(".", "/") + ".py")
-
-
-def _shipped(mod: str) -> str:
-    """The file's name in the export: transformers copies one flat folder."""
-    return SHIPPED_PREFIX + mod.replace(".", "_")
-
-
-def _is_cli(node) -> bool:
-    """`def main` and `if __name__ == "__main__":` — entry points that need the checkout."""
-    if isinstance(node, ast.FunctionDef):
-        return node.name == "main"
-    return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
-
-
-def ship_source(name: str, src: str) -> tuple[str, dict[str, set[str]]]:
-    """Rewrite a project module for the export folder. Returns the new source and the project
-    modules it needs, each with the names taken from it. Edits: CLI entry points dropped;
-    `from m import x` of a project module m -> `from .radlads_m import x`; `import m` ->
-    `from .radlads_m import <used names>` with `m.x` -> `x` (transformers copies only the files
-    named in `from .x import` lines); any other non-allowed import wrapped in try/except
-    ImportError (raised again: same behaviour, but no longer a hard requirement of from_pretrained)."""
-    raw = src.encode()
-    tree = ast.parse(src)
-    starts = [0] + [i + 1 for i, c in enumerate(raw) if c == ord("\n")]
-    pos = lambda line, col: starts[line - 1] + col   # ast columns are utf-8 byte offsets
-    cli = [node for node in tree.body if _is_cli(node)]
-    edits = [(pos(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), 0),
-              pos(n.end_lineno, n.end_col_offset), "") for n in cli]
-    in_cli = lambda node: any(c.lineno <= node.lineno <= c.end_lineno for c in cli)  # noqa: E731
-    needs: dict[str, set[str]] = {}
-    for node in _imports(tree):
-        mod, local = _top_module(node), _local(node)
-        a, b = pos(node.lineno, node.col_offset), pos(node.end_lineno, node.end_col_offset)
-        if in_cli(node):
-            continue
-        if local and isinstance(node, ast.ImportFrom):
-            needs.setdefault(local, set()).update(n.name for n in node.names)
-            names = ", ".join(n.name + (f" as {n.asname}" if n.asname else "") for n in node.names)
-            edits.append((a, b, f"from .{_shipped(local)} import {names}"))
-        elif local:
-            if len(node.names) > 1 or "." in node.names[0].name:
-                raise ExportError(f"{name}.py: cannot ship `{ast.unparse(node)}`; import one project module per line")
-            alias = node.names[0].asname or mod
-            refs = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-                    and n.value.id == alias and not in_cli(n)]
-            needs.setdefault(mod, set()).update(n.attr for n in refs)
-            edits.append((a, b, f"from .{_shipped(local)} import {', '.join(sorted({n.attr for n in refs}))}"))
-            edits += [(pos(n.lineno, n.col_offset), pos(n.value.end_lineno, n.value.end_col_offset) + 1, "")
-                      for n in refs]                                   # "kernels.rwkv7_attn" -> "rwkv7_attn"
-        elif mod is not None and mod not in ALLOWED_IMPORTS:
-            indent = " " * node.col_offset
-            edits.append((a, b, f"try:  # optional: not a requirement of the exported model\n"
-                                f"{indent}    {raw[a:b].decode()}\n{indent}except ImportError:\n{indent}    raise"))
-    for a, b, text in sorted(edits, reverse=True):
-        raw = raw[:a] + text.encode() + raw[b:]
-    head = f"# Generated by radlads export.py from {name}.py; edit the project's sources, not this copy.\n"
-    return head + raw.decode().rstrip() + "\n", needs
-
-
-def ship_teacher_pieces(names: set[str]) -> str:
-    """radlads_teacher.py: the torch-only objects of teacher.py that `names` need (inspect.getsource,
-    following references to other teacher.py functions/classes), with the imports they use."""
-    src_tree = ast.parse(inspect.getsource(teacher_lib))
-    defined = {n.name: n for n in src_tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    todo, chosen = sorted(names), []
-    while todo:
-        n = todo.pop()
-        if n in chosen:
-            continue
-        if n not in defined:
-            raise ExportError(f"model.py imports {n!r} from teacher.py, which is not a function or class: "
-                              "export.py ships only those; move it into model.py")
-        chosen.append(n)
-        todo += sorted(_used_names(defined[n]) & set(defined))
-    pieces = [ast.get_source_segment(inspect.getsource(teacher_lib), defined[n]) for n in
-              sorted(chosen, key=lambda n: defined[n].lineno)]
-    used = set().union(*(_used_names(defined[n]) for n in chosen))
-    imports = [ast.unparse(node) for node in src_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-               and _top_module(node) in ALLOWED_IMPORTS
-               and {(a.asname or a.name).split(".")[0] for a in node.names} & used]
-    return ("# Generated by radlads export.py from teacher.py; edit the project's sources, not this copy.\n"
-            f'"""The torch-only pieces of teacher.py that model.py uses: {", ".join(sorted(names))}."""\n'
-            "from __future__ import annotations   # TeacherConfig annotations stay unevaluated\n\n"
-            + "\n".join(imports) + "\n\n\n" + "\n\n\n".join(pieces) + "\n")
-
-
-def _used_names(node) -> set[str]:
-    """Names a def/class reads, ignoring annotations (unevaluated in the shipped file)."""
-    skip = set()
-    for n in ast.walk(node):
-        for ann in ([n.annotation] if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation else []) + \
-                   ([n.returns] if isinstance(n, ast.FunctionDef) and n.returns else []):
-            skip |= {id(x) for x in ast.walk(ann)}
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and id(n) not in skip}
+def teacher_pieces() -> str:
+    """radlads_teacher.py: TEACHER_PIECES, copied from teacher.py (inspect.getsource)."""
+    used = {n for n, obj in vars(model_lib).items() if inspect.getmodule(obj) is teacher_lib}
+    if used - set(TEACHER_PIECES):
+        raise ExportError(f"model.py uses {sorted(used - set(TEACHER_PIECES))} from teacher.py: "
+                          "add them to export.TEACHER_PIECES")
+    return ("# Copied by radlads export.py from teacher.py; edit the project's file, not this copy.\n"
+            f'"""teacher.py\'s {", ".join(TEACHER_PIECES)}: what model.py builds on."""\n'
+            "from __future__ import annotations   # `cfg: TeacherConfig` stays an unevaluated annotation\n\n"
+            "import math\n\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n\n"
+            + "\n\n\n".join(inspect.getsource(getattr(teacher_lib, n)).rstrip() for n in TEACHER_PIECES) + "\n")
 
 
 def remote_code() -> dict[str, str]:
-    """{file name: source} of everything the export folder needs besides the weights: the wrapper,
-    model.py and the project modules it imports (teacher.py: only the pieces it uses)."""
-    files = {"modeling_radlads.py": WRAPPER.read_text()}
-    todo, teacher_names = ["model"], set()
-    while todo:
-        mod = todo.pop()
-        if f"{_shipped(mod)}.py" in files:
-            continue
-        files[f"{_shipped(mod)}.py"], needs = ship_source(mod, _source(mod).read_text())
-        teacher_names |= needs.pop("teacher", set())
-        todo += sorted(needs)
-    if teacher_names:
-        files[f"{SHIPPED_PREFIX}teacher.py"] = ship_teacher_pieces(teacher_names)
-    for fname, src in files.items():      # the promise: torch (+ stdlib, safetensors, numpy) only
-        bad = _packages(src) - ALLOWED_IMPORTS
-        if bad:
-            raise ExportError(f"shipped {fname} would require {sorted(bad)}; import them inside try/except")
-    return files
+    """{file name: source} of the export folder's code: the wrapper, model.py, kernels.py and the
+    pieces of teacher.py that model.py uses."""
+    return {"modeling_radlads.py": (REPO / "hf" / "modeling_radlads.py").read_text(),
+            "radlads_model.py": relative_imports("model"),
+            "radlads_kernels.py": relative_imports("kernels"),
+            "radlads_teacher.py": teacher_pieces()}
 
 
 # ---------------------------------------------------------------- checkpoint, tokenizer, weights

@@ -1,28 +1,31 @@
-"""The RADLADS students: the teacher's decoder with every attention swapped for a RAD-RWKV time-mix.
+"""The RADLADS students: the teacher's decoder with every attention swapped for a recurrent time-mix.
 
-RADLADS (arXiv 2505.03005), ../shared/METHOD.md §2–§4. The student keeps the teacher's embedding,
-norms, MLPs and (untied) LM head; each layer's attention becomes a time-mix block fed by the
-teacher's q/k/v/o projections (q_proj → r, k_proj → k, v_proj → v, o_proj → o):
+RADLADS (arXiv 2505.03005), docs/method.md §2–§5. The student keeps the teacher's embedding, norms,
+MLPs and (untied) LM head; each layer's attention becomes a time-mix fed by the teacher's q/k/v/o
+projections (q_proj → r, k_proj → k, v_proj → v, o_proj → o). The paper's three students:
 
   RAD-RWKV7 (§3)  log_w = −e^-½ σ(w0 + tanh(x W1) W2);  a = σ(a0 + x A1 A2);  g = σ(x G1) G2
                   κ = k/‖k‖;  v += (v_first − v) ⊙ σ(v0 + x V1 V2) for ℓ > 0;  k̃ = k ⊙ (1 − w + a)
                   S_t = S_{t-1} (diag(w_t) − κ_tᵀ(a_t ⊙ κ_t)) + v_tᵀ k̃_t;  y_t = S_t r_tᵀ N^-½
+                  out = o_proj(y ⊙ g)
   RAD-RWKV6 (§4)  x_* = x + (shift(x) − x) ⊙ (maa_* + m_*);  log_w = max(−exp(decay + tanh(x_w D1) D2), −5)
-                  S_t = diag(w_t) S_{t-1} + (k_t ⊙ (1 − w_t))ᵀ v_t;  y_t = (r_t N^-½) S_t;  g = σ(gate(x_g))
-  both            out = o_proj(y ⊙ g)
+                  S_t = diag(w_t) S_{t-1} + (k_t ⊙ (1 − w_t))ᵀ v_t;  y_t = (r_t N^-½) S_t
+                  out = o_proj(y ⊙ σ(gate(x_g)))
+  QLinAtt (§5)    S_t = S_{t-1} + k_tᵀ v_t;  y_t = LayerNorm_head(r_t S_t N^-½) ⊙ ln_w + ln_b
+                  out = o_proj(y)                                           (paper App. A.3)
 
 Recurrences run in kernels.py ([K, V] state layout, fp32). One forward serves training (parallel,
 chunked) and generation (T = 1 with a carried State); forward(a + b) == forward(a), forward(b, state).
 
-A new sequence mixer is one class plus one MIXERS entry (README "How to add an architecture";
-examples/linear_attention.py): __init__(cfg, layer_idx) makes its parameters, init_weights()
-initialises the new ones, forward(x, state, ctx) -> (y, new_state) makes one kernels.py call;
-init_state(B, device, dtype) declares its per-layer state (default: S) and `rope` its RoPE default.
-TimeMix brings the teacher's q/k/v/o, GQA and RoPE. Built-ins subclass it; a mixer in another file
-is written without a base and combined with TimeMix here (class X(Mixer, TimeMix)), so that imports
-run one way, model.py -> that file. Cross-layer data travels in Ctx.
+Read from the leaves to the root: TimeMix (what every mixer shares) → RWKV7TimeMix → RWKV6TimeMix →
+QLinAttTimeMix → MIXERS → Block → StudentConfig → State → Student.
 
-    python -m pytest -q test_model.py
+A new sequence mixer (docs/forking.md) is one TimeMix subclass here plus one MIXERS entry, and its
+oracle in test_equivalence.py: __init__(cfg, layer_idx) makes its parameters, init_weights()
+initialises them, forward(x, state, ctx) -> (y, new_state) makes one kernels.py call; init_state(B,
+device, dtype) declares its per-layer state (default: S) and `rope` its RoPE default. Data shared
+across layers travels in Ctx. distill.py, sample.py and export.py pick the mixer by its MIXERS key.
+
     python model.py --variant rwkv7 --out out/rwkv7-init     # student from the default teacher
 """
 import argparse
@@ -37,13 +40,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import kernels
-from examples.linear_attention import LinearAttention
+from kernels import rwkv6_attn, rwkv7_attn
 from teacher import MLP, Attention, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def lora_rank(C: int, e: float, m: float) -> int:
-    """METHOD §2: rank(e, m) = max(1, round(C**e · m / 32)) · 32."""
+    """docs/method.md §2: rank(e, m) = max(1, round(C**e · m / 32)) · 32."""
     return max(1, round(C ** e * m / 32)) * 32
 
 
@@ -53,7 +55,7 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def ortho_(t: torch.Tensor, s: float) -> torch.Tensor:
-    """METHOD §2 ortho(s): orthogonal, gain s·sqrt(rows/cols) if rows > cols else s."""
+    """docs/method.md §2 ortho(s): orthogonal, gain s·sqrt(rows/cols) if rows > cols else s."""
     rows, cols = t.shape
     return nn.init.orthogonal_(t, gain=s * math.sqrt(rows / cols) if rows > cols else s)
 
@@ -66,14 +68,14 @@ class Ctx:
     v_first: torch.Tensor | None = None  # (B, T, H, N) RWKV7: layer 0's values, for the value residual
 
 
-# ---------------------------------------------------------------- time-mix blocks (METHOD §2–§4)
+# ---------------------------------------------------------------- time-mix blocks (docs/method.md §2–§5)
 
 class TimeMix(Attention):
     """What every mixer shares, inherited from the teacher's Attention: its projections under the
     teacher's names (so copies are by name), the optional q/k norms and project(); added here: RoPE
     from the Ctx, GQA head repetition, and an fp32 state S (B, H, N, N) per layer.
 
-    A subclass adds its parameters in __init__(cfg, layer_idx) and defines init_weights() (METHOD
+    A subclass adds its parameters in __init__(cfg, layer_idx) and defines init_weights() (the
     inits of those new parameters) and forward(x (B, T, C), state: dict, ctx: Ctx) -> (y (B, T, C),
     new state dict), one kernels.py call; T = 1 with a carried state is the recurrent step.
     It overrides init_state when it carries more than S (RWKV6: the last x), and `rope` when RoPE
@@ -97,7 +99,7 @@ class TimeMix(Attention):
 
     def rkv(self, x_r, x_k, x_v, ctx: Ctx):
         """r, k, v (B, T, H, N): the teacher's projections and q/k norms, RoPE, then each kv head
-        repeated G = H/Hkv times so query head i reads kv head i // G (METHOD §2)."""
+        repeated G = H/Hkv times so query head i reads kv head i // G (docs/method.md §2)."""
         r, k, v = self.project(x_r, x_k, x_v)
         if ctx.cos is not None:
             r, k = apply_rope(r, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
@@ -106,7 +108,7 @@ class TimeMix(Attention):
 
 
 class RWKV7TimeMix(TimeMix):
-    """RAD-RWKV7 (METHOD §3): no token shift, RoPE on r and k, value residual, state balancing."""
+    """RAD-RWKV7 (docs/method.md §3): no token shift, RoPE on r and k, value residual, state balancing."""
     rope = True
 
     def __init__(self, cfg, layer_idx: int):
@@ -141,18 +143,18 @@ class RWKV7TimeMix(TimeMix):
         iclr = torch.sigmoid(self.a0 + x @ self.a1 @ self.a2).view(B, T, H, N)
         g = torch.sigmoid(x @ self.g1) @ self.g2                            # (B, T, D)
         if self.layer_idx == 0:
-            ctx.v_first = v                                                 # not detached (METHOD §3)
+            ctx.v_first = v                                    # not detached (docs/method.md §3)
         else:
             v = v + (ctx.v_first - v) * torch.sigmoid(self.v0 + x @ self.v1 @ self.v2).view(B, T, H, N)
         kk = F.normalize(fp32(k), dim=-1)                                 # κ, fp32
         k = (fp32(k) * (1 - log_w.exp() + fp32(iclr))).to(x.dtype)    # k̃: state balancing
-        a, b = -kk, kk * fp32(iclr)              # METHOD's rank-1 term in kernels.py's [K, V] form
-        y, S = kernels.rwkv7_attn(r, log_w, k, v, a, b, state["S"], backend="auto")
+        a, b = -kk, kk * fp32(iclr)                   # the rank-1 term in kernels.py's [K, V] form
+        y, S = rwkv7_attn(r, log_w, k, v, a, b, state["S"], backend="auto")
         return self.o_proj(y.reshape(B, T, self.D) * g), {"S": S}
 
 
 class RWKV6TimeMix(TimeMix):
-    """RAD-RWKV6 (METHOD §4): data-dependent token shift, LoRA decay, state balancing, sigmoid
+    """RAD-RWKV6 (docs/method.md §4): data-dependent token shift, LoRA decay, state balancing, sigmoid
     gate; RoPE only when cfg.rope. Its state also carries the last input x for the shift."""
 
     def __init__(self, cfg, layer_idx: int):
@@ -192,16 +194,48 @@ class RWKV6TimeMix(TimeMix):
         d = fp32(self.decay + torch.tanh(x_w @ self.d1) @ self.d2)
         log_w = torch.clamp(-torch.exp(d), min=-5.0).view(B, T, H, N)               # fp32, w ≥ e^-5
         k = (fp32(k) * (1 - log_w.exp())).to(x.dtype)                            # state balancing
-        y, S = kernels.rwkv6_attn(r, log_w, k, v, state["S"], backend="auto")
+        y, S = rwkv6_attn(r, log_w, k, v, state["S"], backend="auto")
         y = y.reshape(B, T, self.D) * torch.sigmoid(self.gate(x_g))
         return self.o_proj(y), {"S": S, "x": x[:, -1].to(state["x"].dtype)}
 
 
-class LinAttTimeMix(LinearAttention, TimeMix):
-    """Plain linear attention, the paper's QLinAtt baseline (examples/linear_attention.py)."""
+class QLinAttTimeMix(TimeMix):
+    """QLinAtt, the paper's linear-attention baseline (paper App. A.3, eq. 33; docs/method.md §5):
+    per head p_t = LayerNorm(RoPE(x_t W_q) RoPE(x_t W_k)ᵀ M (x_t W_v)), M the causal mask; no feature
+    map, no denominator, no decay, no gate, no token shift. Recurrent form, [K, V] layout:
+
+        S_t = S_{t-1} + k_tᵀ v_t        (rwkv6_attn with log w = 0; no state balancing: at w = 1
+                                          the factor (1 − w) would zero k)
+        y_t = LayerNorm_head(N^-½ · r_t S_t) ⊙ ln_w + ln_b,   out = o_proj(y)
+
+    Where the paper is silent: the LayerNorm has a per-channel affine (ln_w, ln_b, the only new
+    parameters), eps 1e-5 after the N^-½ scale (RWKV's ln_x, GroupNorm eps 1e-5·8² on the unscaled
+    y, at N = 64); S_0 = 0. With no decay S is a plain sum that grows with T (‖S_T‖ ≤ Σ‖k_t‖‖v_t‖,
+    far inside fp32 at any trained length); the LayerNorm divides the growth out of the output.
+    What it cannot undo is that nothing is forgotten: token t weighs 1/t of the state."""
+    rope = True          # the paper applies RoPE as the teacher does
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.ln_w = nn.Parameter(torch.empty(self.D))        # LayerNorm per head, affine per channel
+        self.ln_b = nn.Parameter(torch.empty(self.D))
+
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.ones_(self.ln_w)         # PyTorch's LayerNorm defaults (the paper does not say)
+        nn.init.zeros_(self.ln_b)
+
+    def forward(self, x, state, ctx: Ctx):
+        B, T, _ = x.shape
+        H, N = self.H, self.N
+        r, k, v = self.rkv(x, x, x, ctx)                                     # (B, T, H, N)
+        log_w = torch.zeros(r.shape, dtype=torch.float32, device=r.device)   # w = 1: no decay
+        y, S = rwkv6_attn(r, log_w, k, v, state["S"], backend="auto")
+        y = F.layer_norm(fp32(y), (N,), eps=1e-5) * self.ln_w.view(H, N) + self.ln_b.view(H, N)
+        return self.o_proj(y.to(x.dtype).reshape(B, T, self.D)), {"S": S}
 
 
-MIXERS = {"rwkv7": RWKV7TimeMix, "rwkv6": RWKV6TimeMix, "linatt": LinAttTimeMix}
+MIXERS = {"rwkv7": RWKV7TimeMix, "rwkv6": RWKV6TimeMix, "qlinatt": QLinAttTimeMix}
 
 
 # ---------------------------------------------------------------- block, config, model
@@ -237,7 +271,7 @@ class StudentConfig:
     attn_bias: bool = False          # qwen2: biases on q, k, v
     qk_norm: bool = False            # qwen3: RMSNorm on r and k per head
     max_seq_len: int = 8192
-    rope: bool | None = None         # RoPE on r, k; default: the mixer's (rwkv7 on, rwkv6 off)
+    rope: bool | None = None         # RoPE on r, k; default: the mixer's `rope` (rwkv6: off)
     rank_decay: int | None = None    # decay / in-context rate / token shift: rank(0.5, 1.8)
     rank_value: int | None = None    # value residual: rank(0.5, 1.3)
     rank_gate: int | None = None     # RWKV7 gate: rank(0.8, 0.6)
@@ -303,7 +337,7 @@ class Student(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied (METHOD §2)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied (docs/method.md §2)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def init_buffers(self):
@@ -318,15 +352,15 @@ class Student(nn.Module):
         embed, lm_head, q/k/v/o, MLP     PyTorch defaults (the teacher's
                                          copies overwrite them)                 from_teacher
         RMSNorm weights                  1
-        RWKV7 w0                         −6.5 + 5(n/(D−1))^(0.85+√(ℓ/(L−1)))    METHOD §3
-        RWKV7 W1, A1, a0, G1 / V1        0 / 0 (ℓ > 0)                          METHOD §3
-        RWKV7 W2, A2, G2, V2             ortho(0.1)                             METHOD §3
-        RWKV7 v0                         1 (ℓ > 0; layer 0 has none)            METHOD §3
-        RWKV6 maa_x / maa_{r,k,v,w,g}    1 / 0                                  METHOD §4
-        RWKV6 M1, D1, gate               0                                      METHOD §4
-        RWKV6 M2, D2                     U(−0.01, 0.01)                         METHOD §4
-        RWKV6 decay                      −6 + 5(n/(D−1))^(0.7+1.3ℓ/(L−1))       METHOD §4
-        another mixer's parameters       its init_weights() docstring           its file
+        RWKV7 w0                         −6.5 + 5(n/(D−1))^(0.85+√(ℓ/(L−1)))    docs/method.md §3
+        RWKV7 W1, A1, a0, G1 / V1        0 / 0 (ℓ > 0)                          docs/method.md §3
+        RWKV7 W2, A2, G2, V2             ortho(0.1)                             docs/method.md §3
+        RWKV7 v0                         1 (ℓ > 0; layer 0 has none)            docs/method.md §3
+        RWKV6 maa_x / maa_{r,k,v,w,g}    1 / 0                                  docs/method.md §4
+        RWKV6 M1, D1, gate               0                                      docs/method.md §4
+        RWKV6 M2, D2                     U(−0.01, 0.01)                         docs/method.md §4
+        RWKV6 decay                      −6 + 5(n/(D−1))^(0.7+1.3ℓ/(L−1))       docs/method.md §4
+        QLinAtt ln_w / ln_b              1 / 0                                  docs/method.md §5
         """
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -339,7 +373,7 @@ class Student(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, variant: str, **overrides) -> "Student":
-        """The student of METHOD §2: teacher tensors copied bit for bit, new ones initialised."""
+        """The student of docs/method.md §2: teacher tensors copied bit for bit, new ones initialised."""
         cfg = StudentConfig.from_teacher(teacher.cfg, variant, **overrides)
         ref = teacher.embed_tokens.weight
         with torch.device("meta"):
@@ -387,7 +421,7 @@ class Student(nn.Module):
         return self.lm_head(self.norm(h)), state
 
     def align(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Step 1 (METHOD §5): each layer's time-mix output on the teacher's attention input
+        """Step 1 (docs/method.md §6): each layer's time-mix output on the teacher's attention input
         xs[ℓ] (B, T, C), without the student's residual stream. v_first = layer 0 on xs[0]."""
         B, T, _ = xs[0].shape
         ctx = self.ctx(T)
@@ -420,13 +454,13 @@ class Student(nn.Module):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Build a RADLADS student from a teacher (METHOD §2).")
+    p = argparse.ArgumentParser(description="Build a RADLADS student from a teacher (docs/method.md §2).")
     p.add_argument("--variant", choices=sorted(MIXERS), default="rwkv7")
     p.add_argument("--teacher", default=None, help="GGUF or HF folder (default: embedded SmolLM2)")
     p.add_argument("--out", default=None, help="folder to save the student into")
     args = p.parse_args()
-    import teacher as teacher_lib
-    teacher, _ = teacher_lib.load_teacher(args.teacher)
+    from teacher import load_teacher      # here, not above: export.py ships teacher.py's modules only
+    teacher, _ = load_teacher(args.teacher)
     student = Student.from_teacher(teacher, args.variant)
     count = lambda m: sum(t.numel() for t in m.parameters())
     print(f"teacher {count(teacher):,} params; {args.variant} student {count(student):,} params")

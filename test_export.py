@@ -8,6 +8,7 @@ its remote-code import check (dynamic_module_utils.get_imports) on the shipped f
 """
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -105,7 +106,8 @@ def test_shipped_code_needs_only_torch(tiny, tmp_path):
     gets the same logits."""
     student, tok, _, out, _ = tiny
     shipped = sorted(out.glob("*.py"))
-    assert {p.name for p in shipped} >= {"modeling_radlads.py", "radlads_model.py", "radlads_kernels.py"}
+    assert {p.name for p in shipped} == {"modeling_radlads.py", "radlads_model.py", "radlads_kernels.py",
+                                         "radlads_teacher.py"}
     for p in shipped:
         assert set(get_imports(p)) <= ALLOWED, (p.name, set(get_imports(p)) - ALLOWED)
     ids = tok.encode(MIXED)[:16]
@@ -156,6 +158,35 @@ def test_retie(tiny, hf_teacher, tmp_path):
         ids = torch.tensor([tok.encode(MIXED)])
         assert rel_err(hf(ids).logits, tied(ids)[0]) < 1e-6
         assert rel_err(export.load_checkpoint(out)(ids)[0], tied(ids)[0]) < 1e-6
+
+
+def test_shipped_files_are_our_files():
+    """radlads_model.py and radlads_kernels.py are model.py and kernels.py line for line, except the
+    project imports, which become relative (`from kernels import` -> `from .radlads_kernels import`)."""
+    files = export.remote_code()
+    for name in ("model", "kernels"):
+        ours = (Path(export.__file__).parent / f"{name}.py").read_text().splitlines()
+        shipped = files[f"radlads_{name}.py"].splitlines()[1:]          # after the "Copied by" line
+        assert len(shipped) == len(ours)
+        changed = [(a, b) for a, b in zip(ours, shipped) if a != b]
+        for a, b in changed:
+            indent, words = a[:len(a) - len(a.lstrip())], a.split()
+            assert words[:3] in (["from", "kernels", "import"], ["from", "teacher", "import"]), a
+            assert b == f"{indent}from .radlads_{words[1]} " + a.lstrip().split(" ", 2)[2], (a, b)
+        assert name == "kernels" or changed
+
+
+def test_remote_code_errors(tmp_path, monkeypatch):
+    """A project import export.py cannot make relative, or a teacher.py name model.py uses that is
+    not shipped, fails the export with a one-line error."""
+    monkeypatch.setattr(export, "TEACHER_PIECES", tuple(n for n in export.TEACHER_PIECES if n != "MLP"))
+    with pytest.raises(ExportError, match=r"model.py uses \['MLP'\] from teacher.py"):
+        export.remote_code()
+    monkeypatch.undo()
+    (tmp_path / "model.py").write_text("import torch\nimport kernels\n")
+    monkeypatch.setattr(export, "REPO", tmp_path)
+    with pytest.raises(ExportError, match="write `from kernels import ...` rather than `import kernels`"):
+        export.relative_imports("model")
 
 
 # ---------------------------------------------------------------- bad inputs

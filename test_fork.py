@@ -1,15 +1,13 @@
-"""Tests of the fork example, examples/linear_attention.py (variant "linatt", the paper's QLinAtt).
-
-A new mixer passes the built-in mixers' parity tests, reused from their files rather than copied:
-  kernel == naive      test_kernels.py's tests, run on the inputs linear attention hands to
-                       rwkv6_attn (log w = 0, unbalanced k) against METHOD §4's fp64 loop at w = 1;
+"""Tests of QLinAtt (model.QLinAttTimeMix, variant "qlinatt"; paper App. A.3, docs/method.md §5): a
+mixer added to model.py passes the built-in mixers' parity tests, reused from their files, not copied:
+  kernel == naive        test_kernels.py's tests, run on the inputs QLinAtt hands to rwkv6_attn
+                         (log w = 0, k not balanced) against kernels.rwkv6_naive at w = 1;
   parallel == recurrent  test_model.py's whole-model test (T at once == split == token by token).
 Besides: the layer against an fp64 oracle written from the paper's quadratic form (App. A.3, eq. 33:
 LayerNorm(RoPE(q) RoPE(k)ᵀ ⊙ mask · v) per head), independent of the recurrence and of TimeMix; its
 numerics over a long sequence (no decay: the state grows, the output must not); and the users'
-commands on a tiny random teacher: model.py and distill.py --step 1, 2, 3 with --variant linatt,
-sample.py, export.py (loaded by transformers in a clean process without the checkout). ~1 min on
-2 cores.
+commands on a tiny random teacher: model.py and distill.py --step 1, 2, 3 with --variant qlinatt,
+sample.py, export.py (loaded by transformers in a clean process without the checkout).
 
     python -m pytest -x -q test_fork.py
 """
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 import data as data_lib
+import kernels
 import teacher as teacher_lib
 import test_kernels as tk
 import test_model as tm
@@ -32,7 +31,7 @@ from teacher import TeacherConfig
 
 HERE = Path(__file__).resolve().parent
 F64 = torch.float64
-VARIANT = "linatt"
+VARIANT = "qlinatt"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,35 +45,42 @@ def one_thread():
 
 # ---------------------------------------------------------------- kernel == naive (test_kernels.py's tests)
 
-def make_linatt(B=2, T=17, H=2, N=24, decay="none", seed=0, loud=1.0):
-    """rwkv6_attn's inputs from linear attention: log w = 0 (no decay), k as projected (no state
-    balancing, which would zero it at w = 1). `decay` is ignored: there is none. Returns (kernel
-    inputs, the dict test_kernels.method_rwkv6 reads)."""
+def make_qlinatt(B=2, T=17, H=2, N=24, decay="none", seed=0, loud=1.0):
+    """rwkv6_attn's inputs from QLinAtt: log w = 0 (no decay), k as projected (no state balancing,
+    which would zero it at w = 1). `decay` is ignored: there is none. Returns (kernel inputs, the
+    quantities the oracle reads)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
     shape = (B, T, H, N)
     r, k, v = loud * rnd(*shape), loud * rnd(*shape), rnd(*shape)
     log_w, state = torch.zeros(shape, dtype=F64), 0.5 * rnd(B, H, N, N)
-    return dict(r=r, log_w=log_w, k=k, v=v, state=state), dict(r=r, w=log_w.exp(), k=k, v=v, S0=state)
+    return dict(r=r, log_w=log_w, k=k, v=v, state=state), dict(r=r, w=log_w.exp(), k=k, v=v, state=state)
+
+
+def qlinatt_oracle(m):
+    """QLinAtt's recurrence, S_t = S_{t-1} + k_tᵀ v_t: kernels.rwkv6_naive (docs/method.md §4) at w = 1."""
+    y, S = kernels.rwkv6_naive(**m)
+    return {"y": y, "S": S}
 
 
 @pytest.fixture
-def linatt_kernel(monkeypatch):
-    """test_kernels.py's VARIANTS with linear attention's entry: its tests then run on it as they are."""
-    monkeypatch.setitem(tk.VARIANTS, VARIANT, tk.Variant(tk.rwkv6_attn, make_linatt, tk.method_rwkv6, ("none",)))
+def qlinatt_kernel(monkeypatch):
+    """test_kernels.py's VARIANTS with QLinAtt's entry: its tests then run on it as they are."""
+    monkeypatch.setitem(tk.VARIANTS, VARIANT,
+                        tk.Variant(kernels.rwkv6_attn, make_qlinatt, qlinatt_oracle, ("none",)))
 
 
 @pytest.mark.parametrize("T", tk.TS)
-def test_kernel_paths_match_method(linatt_kernel, T):
+def test_kernel_paths_match_method(qlinatt_kernel, T):
     tk.test_forward_all_paths_match_method(VARIANT, T)
 
 
 @pytest.mark.parametrize("T", tk.TS)
-def test_kernel_gradients_chunked_match_naive(linatt_kernel, T):
+def test_kernel_gradients_chunked_match_naive(qlinatt_kernel, T):
     tk.test_gradients_chunked_match_naive(VARIANT, T)
 
 
-def test_kernel_gradcheck_state_and_dtypes(linatt_kernel):
+def test_kernel_gradcheck_state_and_dtypes(qlinatt_kernel):
     tk.test_gradcheck_chunked(VARIANT)
     for split in [(37, 50), (32, 32), (1, 70)]:
         tk.test_state_carries_across_calls(VARIANT, split)
@@ -176,7 +182,7 @@ def sh(*argv, cwd=HERE, env=None, timeout=300):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny random llama teacher (Hugging Face folder) and token files made by data.py."""
-    root = tmp_path_factory.mktemp("fork")
+    root = tmp_path_factory.mktemp("qlinatt")
     teacher = make_hf_teacher(root, "llama")
     text = data_lib.default_corpus()[0].read_text()
     docs = [root / "a.txt", root / "b.txt"]              # two documents: one is held out
@@ -186,14 +192,14 @@ def env(tmp_path_factory):
     return teacher, root / "data"
 
 
-def test_model_cli_builds_the_fork(env, tmp_path):
-    """`python model.py --variant linatt` runs: model.py imports the fork's file, never the reverse."""
+def test_model_cli_builds_qlinatt(env, tmp_path):
+    """`python model.py --variant qlinatt` builds and saves the student."""
     sh("model.py", "--variant", VARIANT, "--teacher", env[0], "--out", tmp_path / "init")
     assert Student.load(tmp_path / "init").cfg.variant == VARIANT
 
 
 def test_three_steps_sample_export(env, tmp_path):
-    """distill.py --step 1, 2, 3 --variant linatt (a few updates each), sample.py and export.py on the
+    """distill.py --step 1, 2, 3 --variant qlinatt (a few updates each), sample.py and export.py on the
     result, as the README runs them; the exported folder loads with transformers in a process
     without the checkout and gives the student's logits."""
     teacher, data = env
@@ -225,7 +231,7 @@ def test_three_steps_sample_export(env, tmp_path):
     hf = tmp_path / "hf"
     sh("export.py", "--ckpt", ckpt, "--out", hf)
     code = ("import sys, json, torch\n"
-            "for m in ('model', 'kernels', 'teacher', 'examples', 'triton', 'gguf'): sys.modules[m] = None\n"
+            "for m in ('model', 'kernels', 'teacher', 'triton', 'gguf'): sys.modules[m] = None\n"
             "from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(hf)!r}, trust_remote_code=True)\n"
             f"print(json.dumps(m(torch.tensor([{ids}])).logits[0].tolist()))\n")

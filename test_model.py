@@ -1,7 +1,8 @@
-"""Tests for model.py: the RAD-RWKV7 / RAD-RWKV6 students (METHOD §2–§5).
+"""Tests for model.py: the student shell and the RAD-RWKV7 / RAD-RWKV6 students (docs/method.md §2–§4;
+QLinAtt's own tests are in test_fork.py).
 
-The oracle for one time-mix layer is an fp64 token loop written here straight from METHOD's
-equations (RWKV7 in METHOD's [V, K] state layout, RWKV6 in its [K, V] one), independent of model.py
+The oracle for one time-mix layer is an fp64 token loop written here straight from the paper's
+equations (RWKV7 in the paper's [V, K] state layout, RWKV6 in its [K, V] one), independent of model.py
 and kernels.py. Whole-model tests use tiny random teachers (GQA; qwen2 biases; qwen3 q/k norms);
 the embedded SmolLM2 teacher is loaded once for the copy / init / generation checks.
 
@@ -25,7 +26,7 @@ RANKS = dict(rank_decay=8, rank_value=4, rank_gate=12)   # small, distinct ranks
 TEACHER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 NEW_PARAMS = {"rwkv7": {"w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2"},
               "rwkv6": {"maa_x", "maa_rkvwg", "m1", "m2", "decay", "d1", "d2", "gate.weight"}}
-BUILTIN = sorted(NEW_PARAMS)   # METHOD-formula tests; a fork's mixer has its own (test_fork.py)
+BUILTIN = sorted(NEW_PARAMS)   # the RWKV formula tests; QLinAtt's are in test_fork.py
 
 
 def tiny_teacher(arch, n_layers=3, seed=0):
@@ -59,7 +60,7 @@ def tiny_student(variant, arch="llama", **kw):
     return perturb_(Student.from_teacher(tiny_teacher(arch), variant, **{**RANKS, **kw}))
 
 
-# ---------------------------------------------------------------- fp64 oracle from METHOD's equations
+# ---------------------------------------------------------------- fp64 oracle from the paper's equations
 
 def rms(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
@@ -88,7 +89,7 @@ def project(P, cfg, x_r, x_k, x_v, t):
 
 
 def ref_rwkv7(mix, x, S, pos, v_first=None):
-    """METHOD §3 token by token. S (B, H, N_v, N_k). Returns out (B, T, C), S, v (B, T, H, N)."""
+    """docs/method.md §3 token by token. S (B, H, N_v, N_k). Returns out (B, T, C), S, v (B, T, H, N)."""
     P = {n: p.detach().double() for n, p in mix.named_parameters()}
     cfg, l = mix.cfg, mix.layer_idx
     B, T, C = x.shape
@@ -117,7 +118,7 @@ def ref_rwkv7(mix, x, S, pos, v_first=None):
 
 
 def ref_rwkv6(mix, x, S, x_prev, pos):
-    """METHOD §4 token by token. S (B, H, N_k, N_v), x_prev (B, C). Returns out, S, last x."""
+    """docs/method.md §4 token by token. S (B, H, N_k, N_v), x_prev (B, C). Returns out, S, last x."""
     P = {n: p.detach().double() for n, p in mix.named_parameters()}
     cfg = mix.cfg
     B, T, C = x.shape
@@ -163,7 +164,7 @@ def test_lora_ranks_and_config_errors():
 
 
 def expected_params(cfg: StudentConfig, tied_teacher: bool):
-    """(teacher, student) parameter counts from METHOD §2–§4."""
+    """(teacher, student) parameter counts from docs/method.md §2–§4."""
     C, L, H, Hkv, N, F, V = (cfg.hidden_size, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
                              cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
     D, Rd, Rv, Rg = H * N, cfg.rank_decay, cfg.rank_value, cfg.rank_gate
@@ -222,7 +223,7 @@ def test_timemix_matches_method_reference(variant, rope, arch):
     xp = torch.randn(2, B, C, dtype=torch.float64)                                # RWKV6 last x
     m0, m1 = s.layers[0].time_mix, s.layers[1].time_mix
     if variant == "rwkv7":
-        r0, R0, v_first = ref_rwkv7(m0, x0, S0[0].transpose(-1, -2), pos)          # [V, K] (METHOD)
+        r0, R0, v_first = ref_rwkv7(m0, x0, S0[0].transpose(-1, -2), pos)          # [V, K] (paper)
         r1, R1, _ = ref_rwkv7(m1, x1, S0[1].transpose(-1, -2), pos, v_first)
         R0, R1 = R0.transpose(-1, -2), R1.transpose(-1, -2)
     else:
