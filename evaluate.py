@@ -8,7 +8,7 @@ For each --data folder (data.py token files; the held-out "val" split) two kinds
   windows        the first --windows windows of --ctx tokens (data.eval_windows): student and teacher
                  perplexity and their ratio S/T, token-mean KL(p_T‖p_S) and top-1 agreement (student
                  argmax == teacher argmax). These are distill.py's in-training eval numbers, computed by
-                 the same code (distill.Distill's forward → distill.head_loss with stats=True, chunked
+                 the same code (distill.Distill.eval_sums → distill.head_loss with stats=True, chunked
                  over tokens so that no (tokens, V) fp32 logits of both models exist).
   continuations  --prompts prompts of --prompt-len tokens from the val split (evenly spaced, not
                  overlapping); the student and the teacher each continue every prompt greedily for
@@ -114,7 +114,7 @@ def window_metrics(student, teacher, val, ctx, windows, batch, device) -> dict:
                      desc=f"{val.path.name} windows", leave=False):
         x, y = x.to(device), y.to(device)
         hT = teacher.norm(teacher.hidden(x)).flatten(0, 1)                      # (B·T, C)
-        sums += model(x, y, hT, teacher.lm_head.weight, stats=True).double().cpu()
+        sums += model.eval_sums(x, y, hT, teacher.lm_head.weight).double().cpu()
     nll_s, nll_t, kl, agree, n = sums.tolist()
     ppl_s, ppl_t = math.exp(nll_s / n), math.exp(nll_t / n)
     return {"ppl_student": ppl_s, "ppl_teacher": ppl_t, "ppl_ratio": ppl_s / ppl_t, "kl": kl / n,

@@ -218,8 +218,8 @@ def test_step2_matches_plain_pytorch(env, three_steps, tmp_path):
     batches = data_lib.Batches(data_lib.TokenData(env / "data"), 32, 4, seed=0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
     ref = []
-    for s in range(3):    # 3 steps: warmup min(50, 3 // 10) = 0, flat lr
-        x, y = batches.get(s)
+    for u in range(3):    # 3 updates: warmup min(50, 3 // 10) = 0, flat lr
+        x, y = batches.get(u)
         total = 0
         for xm in x.split(2):   # micro-batches of 2, accumulated
             with torch.no_grad():
@@ -330,23 +330,23 @@ def test_shape_and_tokenizer_mismatch(env, three_steps, tmp_path, capsys):
 
 
 def test_nan_and_oom_stop_cleanly(env, tmp_path, capsys, monkeypatch):
-    real, calls = distill.micro_losses, []
+    real, calls = distill.forward_backward, []
 
-    def nan_at_step_4(*a):     # 2 micro-batches per update: calls 7, 8 are update 4 (0-based 3)
+    def nan_at_update_4(*a):   # 2 micro-batches per update: calls 7, 8 are update 4 (0-based 3)
         calls.append(1)
         loss = real(*a)
         return loss * float("nan") if len(calls) > 6 else loss
 
-    monkeypatch.setattr(distill, "micro_losses", nan_at_step_4)
+    monkeypatch.setattr(distill, "forward_backward", nan_at_update_4)
     err = fails(capsys, *flags(env, tmp_path, "--step", "1", "--tokens", str(6 * 4 * 32), "--eval-every", "2"))
-    assert "nan at step 3" in err and "--lr" in err
+    assert "nan at update 3 of step 1" in err and "--lr" in err
     assert json.loads((tmp_path / "step1" / "ckpt" / "meta.json").read_text())["step"] == 2   # still good
     assert len(losses(tmp_path, 1)) == 3
 
     def oom(*a):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(distill, "micro_losses", oom)
+    monkeypatch.setattr(distill, "forward_backward", oom)
     err = fails(capsys, *flags(env, tmp_path / "o", "--step", "1"))
     assert "out of memory" in err and "--micro-batch" in err
 
@@ -366,12 +366,3 @@ def test_default_teacher_step1_end_to_end(tmp_path, capsys):
     start = evals(tmp_path / "out", 1)[0]
     assert 5 < e["ppl_teacher"] < 300 and math.isfinite(e["ppl_student"]) and 0 <= e["kl"] < 20
     assert len(e["align_loss_per_layer"]) == 30 and 0 < e["align_loss"] < start["align_loss"]
-
-
-def test_bench_prints_throughput(tmp_path, capsys):
-    """--bench on random weights of a shape (tiny here; smol / q3b on a GPU)."""
-    for step in ("1", "2"):
-        distill.main(["--bench", "--step", step, "--shape", "tiny", "--ctx", "32", "--bench-steps", "2",
-                      "--out", str(tmp_path)])
-        out = capsys.readouterr().out
-        assert f"bench step {step} shape tiny" in out and "tokens/s per device" in out and "FLOP/token =" in out
