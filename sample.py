@@ -1,16 +1,15 @@
-"""Generate from a RADLADS student with its recurrent state; compare with the teacher; benchmark both.
+"""Generate from a RADLADS student with its recurrent state, and compare with the teacher.
 
     python sample.py --ckpt out/rwkv7-init --prompt "The capital of France is" --max-new-tokens 40
     python sample.py --ckpt out/rwkv7-init --chat --prompt "Name three fruits." --compare
     python sample.py --ckpt out/rwkv7-init --prompt "$(cat doc.txt)" --max-new-tokens 0 --state-out doc.state
     python sample.py --ckpt out/rwkv7-init --state-in doc.state --prompt " Summary:" --max-new-tokens 60
-    python sample.py --ckpt out/rwkv7-init --bench --bench-lengths 128,512 --bench-batches 1,4   # CPU
 
 Generation carries the student's State (model.py): the prompt runs once through the parallel
 (chunked) path, in pieces of --prefill-chunk tokens, then each new token is one recurrent step of
-O(1) time and memory whatever the context length (METHOD §3–§4; the reference re-ran the whole
-prefix per token, METHOD §10). Tokens stream as they are made: the growing sequence is decoded and
-its new suffix printed, held back while it ends inside a multi-byte character.
+O(1) time and memory whatever the context length (docs/method.md §3–§4; the paper's public code
+re-ran the whole prefix per token, docs/method.md §12). Tokens stream as they are made: the growing
+sequence is decoded and its new suffix printed, held back while it ends inside a multi-byte character.
 
 --ckpt: a Student.save folder or an export.py folder (read without transformers). Tokenizer:
 --tokenizer PATH (a teacher path), else the checkpoint folder's own tokenizer.json (export.py
@@ -23,6 +22,7 @@ closed with the template's end-of-turn text); --state-in continues from it, so a
 once can be queried many times (with --chat the prompt becomes the next user turn).
 Sampling: --temperature 0 (default) is greedy; otherwise softmax(logits / T) restricted to the
 --top-k most likely tokens and the smallest set holding --top-p of the mass, drawn with --seed.
+Decode speed, student against teacher: `python bench.py generate --ckpt out/rwkv7-init`
 """
 import argparse
 import sys
@@ -57,10 +57,6 @@ class SampleConfig:
     dtype: str = "fp32"            # fp32 | bf16 weights (the state stays fp32)
     threads: int = 0               # CPU threads (0 = torch's default; 1 is fastest on a busy machine)
     prefill_chunk: int = 2048      # prompt tokens per parallel forward (bounds prefill memory)
-    bench: bool = False
-    bench_lengths: str = "512,4096,16384,65536"
-    bench_batches: str = "1,32"
-    bench_tokens: int = 32         # decoded tokens timed per row
 
 
 # ---------------------------------------------------------------- decoders: tokens in, logits out
@@ -224,6 +220,7 @@ def turn_end(tok) -> str:
 
 
 def load_state(path, student: Student, device) -> State:
+    """The State a --state-out run saved, checked to belong to this student."""
     try:
         state = State.load(path, device=device)
     except Exception as e:  # missing file, not safetensors, no metadata
@@ -238,66 +235,11 @@ def load_state(path, student: Student, device) -> State:
     return state
 
 
-# ---------------------------------------------------------------- benchmark
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def bench_one(make_decoder, B, T, cfg: SampleConfig, vocab, device):
-    """(decode tokens/s over B rows, ms per step, cache MB, peak MB or nan) after a T-token prompt.
-    Per-step times are medians (robust to other jobs on a shared machine)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(0, vocab, (B, T), generator=g).to(device)
-    dec = make_decoder(B, T + cfg.bench_tokens + 1)
-    nxt = prefill(dec, prompt, cfg.prefill_chunk).argmax(-1)[:, None]
-    nxt = dec(nxt)[:, -1].argmax(-1)[:, None]                   # warm-up step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(cfg.bench_tokens):
-        _sync(device)
-        t0 = time.perf_counter()
-        nxt = dec(nxt)[:, -1].argmax(-1)[:, None]
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return B / step, 1e3 * step, dec.cache_bytes() / 2**20, peak
-
-
-def bench(student: Student, teacher, cfg: SampleConfig, device):
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    print(f"decode after a T-token prompt; median of {cfg.bench_tokens} steps; device {device}, "
-          f"{torch.get_num_threads()} threads, weights {student.embed_tokens.weight.dtype}; "
-          "cache = recurrent state (student) / KV cache (teacher); peak = max allocated (CUDA only)")
-    head = (f"{'T':>6} {'B':>3} | {'student tok/s':>13} {'ms/step':>8} {'state MB':>9} {'peak MB':>8} | "
-            f"{'teacher tok/s':>13} {'ms/step':>8} {'KV MB':>9} {'peak MB':>8} | {'speed x':>7} {'cache x':>8}")
-    print(head + "\n" + "-" * len(head), flush=True)
-    results = []
-    for T in ints(cfg.bench_lengths):
-        for B in ints(cfg.bench_batches):
-            rows = []
-            for make in (lambda b, n: StudentDecoder(student), lambda b, n: TeacherDecoder(teacher, b, n)):
-                try:
-                    rows.append(bench_one(make, B, T, cfg, student.cfg.vocab_size, device))
-                except (torch.OutOfMemoryError, MemoryError):       # "where memory allows"
-                    rows.append((float("nan"),) * 4)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            (s_tps, s_ms, s_mb, s_pk), (t_tps, t_ms, t_mb, t_pk) = rows
-            print(f"{T:>6} {B:>3} | {s_tps:>13.1f} {s_ms:>8.2f} {s_mb:>9.3g} {s_pk:>8.0f} | "
-                  f"{t_tps:>13.1f} {t_ms:>8.2f} {t_mb:>9.3g} {t_pk:>8.0f} | {s_tps / t_tps:>7.2f} "
-                  f"{t_mb / s_mb:>8.2f}", flush=True)
-            results.append({"T": T, "B": B, "student": rows[0], "teacher": rows[1]})
-    return results
-
-
 # ---------------------------------------------------------------- main
 
 def run(cfg: SampleConfig):
+    """Generate from the student (and the teacher with --teacher/--compare), stream the text, save the
+    state with --state-out. Returns {"student": new ids, "teacher": new ids (when compared)}."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     if cfg.threads:
@@ -309,14 +251,12 @@ def run(cfg: SampleConfig):
         raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the student {student.cfg.vocab_size}: "
                          "pass the student's own teacher with --teacher")
     teacher = None
-    if cfg.teacher or cfg.compare or cfg.bench:
+    if cfg.teacher or cfg.compare:
         teacher, teacher_tok = teacher_lib.load_teacher(cfg.teacher or None, dtype=dtype, device=device)
         teacher.requires_grad_(False)
         if teacher_tok.fingerprint != tok.fingerprint:
             raise ValueError(f"the student's tokenizer ({tok.name}) differs from the teacher's ({teacher_tok.name}): "
                              "compare with the student's own teacher (--teacher PATH)")
-    if cfg.bench:
-        return bench(student, teacher, cfg, device)
     if cfg.state_in and teacher is not None:
         raise ValueError("--state-in continues the student only (the teacher has no saved state): "
                          "drop --compare/--teacher")

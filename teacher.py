@@ -1,7 +1,7 @@
 """The teacher: a plain-PyTorch llama-family decoder, its weights and its tokenizer.
 
 RADLADS (arXiv 2505.03005) distils a softmax-attention decoder into a linear-attention
-student. This file is the teacher side (../shared/METHOD.md §1):
+student. This file is the teacher side (docs/method.md §1):
 
     h = embed(ids)
     per layer:  x = rms1(h);  h = h + attn(x);  h = h + mlp(rms2(h))
@@ -105,7 +105,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, T: int, offset: int = 0, dtype=torch.fl
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, H, N); cos, sin: (T, N). Rotate-half convention (HF / METHOD §1)."""
+    """x: (B, T, H, N); cos, sin: (T, N). Rotate-half convention (HF; docs/method.md §1)."""
     x1, x2 = x.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None, :].to(x.dtype) + rot * sin[:, None, :].to(x.dtype)
@@ -167,7 +167,7 @@ class Block(nn.Module):
     def forward(self, h, cos, sin, taps=None):
         x = self.input_layernorm(h)
         y = self.self_attn(x, cos, sin)
-        if taps is not None:            # what step 1 aligns the student against (METHOD §5)
+        if taps is not None:            # what step 1 aligns the student against (docs/method.md §6)
             taps.append((x, y))
         h = h + y
         return h + self.mlp(self.post_attention_layernorm(h))

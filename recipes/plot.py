@@ -1,7 +1,8 @@
 """Loss curves of a distill.py run as one PNG: a panel per step, training loss against tokens, and
 the held-out eval (KL for steps 1-2, student perplexity for step 3) on a second axis.
 
-    python recipes/plot.py runs/smol/main --out docs/smol_curves.png [runs/smol/base ...]
+    python recipes/plot.py runs/smol/main --out curves.png
+    python recipes/plot.py runs/smol/main runs/smol/main6 --out curves.png    # runs side by side, a colour each
 
 Reads RUN/stepN/log.jsonl (distill.py writes one record per update and per eval). Needs matplotlib,
 which only this figure uses (pip install matplotlib).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Convert the default teacher (SmolLM2-135M-Instruct) on a GPU and measure the result (README "Results").
+# Convert the default teacher (SmolLM2-135M-Instruct) on a GPU and measure the result: the runs
+# reported in docs/results.md (their logs and outputs are under docs/runs/smol-rwkv7, smol-rwkv6, ablations).
 #
 #   bash recipes/smol.sh data GPU_A GPU_B      # teacher-generated text (half on each GPU) + Shakespeare
 #   bash recipes/smol.sh main [NAME]           # steps 1, 2, 3 (VARIANT=rwkv7|rwkv6), evaluation, three chats
@@ -15,7 +16,7 @@ TEACHER=${TEACHER:-$(python3 -c "import teacher; print(teacher.default_teacher_p
 RUNS=${RUNS:-runs/smol}
 D=$RUNS/data
 # Step 2's lr: the paper's 1e-5 is for a 7B student over ~5k updates; a 135M student given a few
-# hundred updates moves too little at that rate (README, departures).
+# hundred updates moves too little at that rate (docs/method.md §12).
 STEP2=(--lr 1e-4)
 COMMON=(--teacher "$TEACHER" --ctx 512 --batch 32 --micro-batch 16 ${FLAGS:-})
 
