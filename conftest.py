@@ -1,5 +1,6 @@
-"""Shared pytest helpers: tiny random teachers for fast CPU tests.
+"""Shared test builders and the expensive session-wide fixtures, for test_equivalence.py and tests/.
 
+Builders (plain functions, imported by name):
 - `tiny_teacher_config(arch)`: a TeacherConfig for a tiny plain-torch Teacher (random init).
 - `make_hf_teacher(tmp_path, arch, tie=..., shard=..., rope_scaling=...)`: a tiny random
   transformers model (+ a tiny byte-level BPE tokenizer with a ChatML template) written with
@@ -8,8 +9,18 @@
 - `make_gguf_teacher(hf_folder, path, arch=None, **meta)`: the same weights written as a GGUF file
   the way llama.cpp's convert_hf_to_gguf.py writes them (q/k rows permuted for llama, llama3
   RoPE scaling as rope_freqs.weight, tied head omitted); `meta` overrides metadata keys.
+- `fp64_teacher(arch)` / `fp64_student(variant, arch)`: tiny fp64 plain-torch teachers (GQA; qwen2
+  biases; qwen3 q/k norms) and students made from them, time-mix parameters moved off their init.
+- `tiny_hf_teacher(folder)`: a tiny llama teacher folder written without transformers, with
+  attention that matters and a peaked head (a student has much to learn): the distill tests' teacher.
+- `distill_flags`, `distill_run`, `logged_losses`, `logged_evals`: run distill.py in-process, read its log.
+- `rel_err`, `perturbed`.
 
-    python -m pytest -x -q test_teacher.py
+Session fixtures (each built once per run, whichever file asks first): `tiny_hf_llama` (a
+make_hf_teacher folder, read only), `distill_env` (tiny_hf_teacher + token files), `three_steps`
+(distill.py steps 1, 2, 3 on it), `default_teacher` and `default_students` (the embedded SmolLM2).
+
+    python -m pytest -q                      # test_equivalence.py and tests/
 """
 import json
 import math
@@ -17,9 +28,19 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from teacher import TeacherConfig
+import data as data_lib
+import distill
+import teacher as teacher_lib
+from model import Student
+from teacher import Teacher, TeacherConfig
+
+ROOT = Path(__file__).resolve().parent   # the repository: cwd of every subprocess the tests start
+torch.set_num_threads(1)   # tiny tensors on a shared CPU: more threads only wait for each other
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -167,8 +188,11 @@ def make_gguf_teacher(hf_folder, path, arch=None, **meta) -> Path:
     return path
 
 
-def rel_err(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+def rel_err(x, ref) -> float:
+    """Relative error ‖x − ref‖ / ‖ref‖ (fla's metric) in fp64 on the CPU; absolute where ref is all zero."""
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    den = ref.norm()
+    return float((x - ref).norm() / (den if den > 0 else 1.0))
 
 
 def perturbed(model, seed=0, std=0.05):
@@ -178,3 +202,150 @@ def perturbed(model, seed=0, std=0.05):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return model
+
+
+# ---------------------------------------------------------------- tiny fp64 students (plain torch)
+
+TINY_ARCHS = {   # D = H·N = 32 ≠ C = 40, so time-mix width and hidden size are never confused
+    "llama": dict(arch="llama", n_heads=4, n_kv_heads=2),
+    "qwen2": dict(arch="qwen2", n_heads=4, n_kv_heads=2, attn_bias=True, tie_embeddings=False),
+    "qwen3": dict(arch="qwen3", n_heads=4, n_kv_heads=1, qk_norm=True),
+}
+TINY_RANKS = dict(rank_decay=8, rank_value=4, rank_gate=12)   # small, distinct ranks catch shape mix-ups
+TEACHER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+def fp64_teacher(arch, n_layers=3, seed=0) -> Teacher:
+    torch.manual_seed(seed)
+    cfg = TeacherConfig(vocab_size=97, hidden_size=40, n_layers=n_layers, head_dim=8,
+                        intermediate_size=56, rope_theta=1000.0, **TINY_ARCHS[arch])
+    t = Teacher(cfg).double()
+    with torch.no_grad():   # norms away from 1, biases non-zero: copies must be real copies
+        for name, p in t.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+    return t
+
+
+def perturb_time_mix_(student, seed=1):
+    """Move the new time-mix parameters away from their init so nothing is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in student.layers:
+            for name, p in blk.time_mix.named_parameters():
+                if name.split(".")[0] in TEACHER_NAMES:
+                    continue
+                scale = 2.0 if name == "decay" else 0.5 if p.dim() == 1 else 0.3
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return student
+
+
+def fp64_student(variant, arch="llama", **kw) -> Student:
+    return perturb_time_mix_(Student.from_teacher(fp64_teacher(arch), variant, **{**TINY_RANKS, **kw}))
+
+
+# ---------------------------------------------------------------- distill.py on a tiny teacher
+
+TRAIN_TEXT = "\n".join(sorted(Path(data_lib.default_corpus()[0]).parent.glob("*_gut.txt"))[i].read_text()[:40000]
+                       for i in range(4))
+
+
+def tiny_hf_teacher(folder, vocab=256, seed=0, **shape) -> Path:
+    """A tiny llama teacher saved as a Hugging Face folder that teacher.load_teacher reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator([TRAIN_TEXT], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(folder / "tokenizer.json"))
+    V = tk.get_vocab_size()
+    cfg = {**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=64), **shape}
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=V, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        eos_token_id=tk.token_to_id("<eos>"), max_position_embeddings=4096, **cfg)))
+    torch.manual_seed(seed)
+    t = Teacher(TeacherConfig(vocab_size=V, hidden_size=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                              n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"],
+                              head_dim=cfg["head_dim"], intermediate_size=cfg["intermediate_size"],
+                              rope_theta=10000.0, tie_embeddings=False))
+    with torch.no_grad():   # attention that matters and a peaked head: a student has much to learn
+        for blk in t.layers:
+            blk.self_attn.v_proj.weight.mul_(3)
+            blk.self_attn.o_proj.weight.mul_(3)
+        t.lm_head.weight.normal_(0, 3 / cfg["hidden_size"] ** 0.5)
+    sd = t.state_dict()
+    save_file({f"model.{k}": v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def distill_flags(env, out, *extra):
+    return ["--teacher", str(env / "teacher"), "--data", str(env / "data"), "--out", str(out),
+            "--ctx", "32", "--batch", "4", "--micro-batch", "2", "--eval-windows", "4", *extra]
+
+
+def distill_run(env, out, *extra):
+    distill.main(distill_flags(env, out, *extra))
+
+
+def logged_losses(out, step):
+    return [r["loss"] for r in map(json.loads, (Path(out) / f"step{step}" / "log.jsonl").open()) if "loss" in r]
+
+
+def logged_evals(out, step):
+    return [r["eval"] for r in map(json.loads, (Path(out) / f"step{step}" / "log.jsonl").open()) if "eval" in r]
+
+
+# ---------------------------------------------------------------- session fixtures
+
+@pytest.fixture(scope="session")
+def tiny_hf_llama(tmp_path_factory):
+    """make_hf_teacher(arch="llama"): read by data, sample, export and command-line tests; never written to."""
+    return make_hf_teacher(tmp_path_factory.mktemp("tiny_hf_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def distill_env(tmp_path_factory):
+    """A folder with teacher/ (tiny_hf_teacher) and data/ (its token files, one document held out)."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher = tiny_hf_teacher(root / "teacher")
+    tok = teacher_lib.load_tokenizer(teacher)
+    (root / "a.txt").write_text(TRAIN_TEXT[: len(TRAIN_TEXT) // 2])
+    (root / "b.txt").write_text(TRAIN_TEXT[len(TRAIN_TEXT) // 2:])
+    data_lib.prepare([root / "a.txt", root / "b.txt"], tok, root / "data", val_fraction=0.3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_steps(distill_env, tmp_path_factory):
+    """Steps 1, 2, 3 in turn (30 updates each), counting teacher loads. Returns (out folder, loads)."""
+    out = tmp_path_factory.mktemp("three")
+    loads = []
+    real = teacher_lib.load_teacher
+
+    def counting(*a, **k):
+        loads.append(a)
+        return real(*a, **k)
+
+    teacher_lib.load_teacher = counting
+    try:
+        distill_run(distill_env, out, "--tokens", str(30 * 4 * 32), "--lr", "3e-3", "--eval-every", "1000")
+    finally:
+        teacher_lib.load_teacher = real
+    return out, loads
+
+
+@pytest.fixture(scope="session")
+def default_teacher():
+    """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32): (Teacher, Tok), loaded once."""
+    return teacher_lib.load_teacher()
+
+
+@pytest.fixture(scope="session")
+def default_students(default_teacher):
+    """Its RAD-RWKV7 and RAD-RWKV6 students at init (default ranks); tests only read them."""
+    t, _ = default_teacher
+    return {v: Student.from_teacher(t, v) for v in ("rwkv7", "rwkv6")}

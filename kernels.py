@@ -18,8 +18,8 @@ rwkv7_attn (RAD-RWKV7) and rwkv6_attn (RAD-RWKV6, and QLinAtt at log w = 0). In 
 with a = −κ, b = κ ⊙ iclr (iclr: the paper's in-context rate a) and k = k̃ for RAD-RWKV7. The chunk
 form and its numerics are docs/kernels.md §2 and §4, the Triton design §3, speed §5.
 
-    python -m pytest -q test_kernels.py test_kernels_triton.py    # parity tests (interpreter on CPU)
-    python bench.py kernels                                        # timings
+    python -m pytest -q test_equivalence.py -k "kernel or interp or gpu"   # parity (interpreter on CPU)
+    python bench.py kernels                                                 # timings
 """
 import functools
 import math

@@ -1,11 +1,12 @@
 """Tests of sample.py: the recurrent decode loop against the parallel forward, saved states, the
-teacher's KV cache against its cache-free forward, streaming, sampling, chat turns, the bench.
+teacher's KV cache against its cache-free forward, streaming, sampling, chat turns. (Its decode
+speed: bench.py generate, tests/test_bench.py.)
 
 References are independent of the code under test: Student.forward on the whole sequence (chunked
 kernel path) for the one-token loop (naive step path), Teacher.forward without cache (and
 teacher.generate_greedy) for the KV cache, tok.chat_prompt on the whole conversation for chat turns.
 
-    python -m pytest -x -q test_sample.py
+    python -m pytest -x -q tests/test_sample.py
 """
 import shutil
 
@@ -14,7 +15,7 @@ import torch
 
 import sample
 import teacher as teacher_lib
-from conftest import make_hf_teacher, perturbed, rel_err, tiny_teacher_config
+from conftest import perturbed, rel_err, tiny_teacher_config
 from model import State, Student
 from sample import SampleConfig, StudentDecoder, TeacherDecoder
 
@@ -34,20 +35,14 @@ def student(request):
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A tiny HF teacher with a real tokenizer (byte-level BPE + ChatML), for the CLI-level tests."""
-    return make_hf_teacher(tmp_path_factory.mktemp("hf"), "llama")
-
-
-@pytest.fixture(scope="module")
-def ckpt(hf_folder, tmp_path_factory):
+def ckpt(tiny_hf_llama, tmp_path_factory):
     """A perturbed student of the tiny HF teacher, saved with the teacher's tokenizer beside it."""
-    teacher, _ = teacher_lib.load_teacher(hf_folder)
+    teacher, _ = teacher_lib.load_teacher(tiny_hf_llama)
     folder = tmp_path_factory.mktemp("ckpt") / "student"
     perturbed(Student.from_teacher(teacher, "rwkv7"), seed=1).save(folder)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (hf_folder / f).exists():
-            shutil.copy(hf_folder / f, folder / f)
+        if (tiny_hf_llama / f).exists():
+            shutil.copy(tiny_hf_llama / f, folder / f)
     return folder
 
 
@@ -148,10 +143,10 @@ def test_pick_greedy_topk_topp_and_seed():
     assert all(set(many[i].tolist()) <= set(top10[i].tolist()) for i in range(3))
 
 
-def test_streamer_prints_whole_characters_only(hf_folder, capsys):
+def test_streamer_prints_whole_characters_only(tiny_hf_llama, capsys):
     """Byte-level BPE splits 🙂 and ✓ across tokens: the stream never shows a partial character
     and ends equal to decoding everything at once."""
-    tok = teacher_lib.load_tokenizer(hf_folder)
+    tok = teacher_lib.load_tokenizer(tiny_hf_llama)
     text = "Ça va 🙂 ✓ naïve — 日本"
     ids = tok.encode(text)
     assert len(ids) > len(text.split())                        # multi-byte characters are split
@@ -164,9 +159,9 @@ def test_streamer_prints_whole_characters_only(hf_folder, capsys):
     assert not any("\ufffd" in c for c in chunks)
 
 
-def test_chat_turns_reproduce_the_whole_conversation(hf_folder):
+def test_chat_turns_reproduce_the_whole_conversation(tiny_hf_llama):
     """first turn + reply + end of turn + follow-up turn == the template on the whole conversation."""
-    tok = teacher_lib.load_tokenizer(hf_folder)
+    tok = teacher_lib.load_tokenizer(tiny_hf_llama)
     u1, a1, u2 = "Hi there", "Hello!", "What now?"
     pieces = (sample.chat_text(tok, u1, first=True, reply=True) + a1 + sample.turn_end(tok)
               + sample.chat_text(tok, u2, first=False, reply=True))
@@ -205,9 +200,9 @@ def test_cli_chat_state_continues_a_conversation(ckpt, tmp_path):
     assert second["student"] == ref
 
 
-def test_state_tail_closes_the_turn(hf_folder):
+def test_state_tail_closes_the_turn(tiny_hf_llama):
     """Before saving: the unfed token, then the rest of the end of turn; an EOS is not doubled."""
-    tok = teacher_lib.load_tokenizer(hf_folder)
+    tok = teacher_lib.load_tokenizer(tiny_hf_llama)
     end = tok.encode(sample.turn_end(tok))
     assert end[0] == tok.eos_id
     chat, plain = SampleConfig(chat=True, max_new_tokens=4), SampleConfig(max_new_tokens=4)
@@ -217,24 +212,12 @@ def test_state_tail_closes_the_turn(hf_folder):
     assert sample.state_tail(tok, SampleConfig(chat=True, max_new_tokens=0), []) == []
 
 
-def test_cli_compare_and_errors(ckpt, hf_folder, tmp_path, capsys):
-    sample.main(["--ckpt", str(ckpt), "--prompt", "The quick", "--max-new-tokens", "4", "--teacher", str(hf_folder)])
+def test_cli_compare_and_errors(ckpt, tiny_hf_llama, tmp_path, capsys):
+    sample.main(["--ckpt", str(ckpt), "--prompt", "The quick", "--max-new-tokens", "4",
+                 "--teacher", str(tiny_hf_llama)])
     out = capsys.readouterr().out
     assert "--- student" in out and "--- teacher" in out and "agree on the first" in out
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--state-in", str(tmp_path / "missing.state")])
     assert e.value.code == 2
     assert "--state-in" in capsys.readouterr().err
-
-
-def test_bench_student_cache_is_flat(ckpt, hf_folder, capsys):
-    """The bench runs; the student's state does not grow with the context, the teacher's KV cache does."""
-    student = Student.load(ckpt).eval()
-    teacher, _ = teacher_lib.load_teacher(hf_folder)
-    cfg = SampleConfig(bench_lengths="8,32", bench_batches="1,2", bench_tokens=2, prefill_chunk=16)
-    rows = sample.bench(student, teacher, cfg, torch.device("cpu"))
-    assert len(rows) == 4 and "teacher tok/s" in capsys.readouterr().out
-    cache = {(r["T"], r["B"]): (r["student"][2], r["teacher"][2]) for r in rows}   # MB
-    for B in (1, 2):
-        assert cache[32, B][0] == cache[8, B][0] > 0               # state: flat
-        assert cache[32, B][1] > cache[8, B][1] > 0                # KV cache: grows

@@ -2,7 +2,7 @@
 byte by byte here, batch determinism over world sizes, exact resume, epochs without repeats,
 and every bad input (one-line DataError; the CLI exits 2).
 
-    python -m pytest -x -q test_data.py
+    python -m pytest -x -q tests/test_data.py
 """
 import hashlib
 import json
@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
+from conftest import ROOT
 from data import Batches, DataError, TokenData, eval_windows, list_files, prepare
 
 CORPUS = ["Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.",
@@ -319,12 +320,6 @@ def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- text sampled from the teacher, merged folders
 
-@pytest.fixture(scope="module")
-def hf_teacher(tmp_path_factory):
-    from conftest import make_hf_teacher
-    return make_hf_teacher(tmp_path_factory.mktemp("teacher"))
-
-
 def expected_seeds(tok):
     """The seeds written out by hand for conftest's tiny teacher (BOS, no add_bos, a ChatML template)."""
     assert tok.bos_id is not None and not tok.add_bos
@@ -336,15 +331,15 @@ def tv(p, q) -> float:
     return 0.5 * float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
 
 
-def test_generated_first_token_follows_the_teacher_softmax(tmp_path, hf_teacher):
+def test_generated_first_token_follows_the_teacher_softmax(tmp_path, tiny_hf_llama):
     """doc_len=1, 100k rows per batch: the first sampled token's frequencies match softmax of the
     logits of a plain Teacher.forward over the seed, and not a wrong temperature or position."""
     from teacher import load_teacher
-    model, tok = load_teacher(hf_teacher)
+    model, tok = load_teacher(tiny_hf_llama)
     seeds, V, rows = expected_seeds(tok), tok.vocab_size, 100_000
     assert model.cfg.vocab_size > V   # the model's rows past the tokenizer's vocabulary must never be drawn
     n = rows * (len(seeds[0]) + 2) + rows * (len(seeds[1]) + 2)   # two batches: BOS alone, the chat opening
-    data.generate(hf_teacher, n, tmp_path / "g", batch=rows, doc_len=1, val_fraction=0, progress=False)
+    data.generate(tiny_hf_llama, n, tmp_path / "g", batch=rows, doc_len=1, val_fraction=0, progress=False)
     tokens = TokenData(tmp_path / "g").tokens.astype(np.int64)
     assert len(tokens) == n
     bound = 0.03   # sampling noise here is about 0.02
@@ -362,12 +357,12 @@ def test_generated_first_token_follows_the_teacher_softmax(tmp_path, hf_teacher)
             assert tv(freq[:V], logits[-2].softmax(-1)) > bound
 
 
-def test_kv_cache_continuation_matches_full_forward(tmp_path, hf_teacher, monkeypatch):
+def test_kv_cache_continuation_matches_full_forward(tmp_path, tiny_hf_llama, monkeypatch):
     """torch.multinomial replaced by Gumbel-max with recorded noise (a true sample, different per row):
     each drawn token must be the argmax of log-softmax(Teacher.forward(document)) at its position
     + that noise, so the cached decoding equals a full forward for every row and step."""
     from teacher import load_teacher
-    model, tok = load_teacher(hf_teacher)
+    model, tok = load_teacher(tiny_hf_llama)
     noise, g = [], torch.Generator().manual_seed(123)
 
     def gumbel_max(probs, num_samples, generator=None):
@@ -380,7 +375,7 @@ def test_kv_cache_continuation_matches_full_forward(tmp_path, hf_teacher, monkey
     monkeypatch.setattr(torch, "multinomial", gumbel_max)
     seeds, doc_len, rows = expected_seeds(tok)[:3], 8, 6
     n = sum(rows * (len(s) + doc_len + 1) for s in seeds)   # three batches: BOS, chat opening, "The"
-    data.generate(hf_teacher, n, tmp_path / "g", batch=rows, doc_len=doc_len, val_fraction=0, progress=False)
+    data.generate(tiny_hf_llama, n, tmp_path / "g", batch=rows, doc_len=doc_len, val_fraction=0, progress=False)
     tokens, pos, call = torch.from_numpy(TokenData(tmp_path / "g").tokens.astype(np.int64)), 0, 0
     for s in seeds:
         L = len(s) + doc_len + 1
@@ -420,16 +415,16 @@ def split_documents(tokens, seeds, doc_len, eos):
     return counts
 
 
-def test_generated_folder(tmp_path, hf_teacher):
+def test_generated_folder(tmp_path, tiny_hf_llama):
     from teacher import load_tokenizer
-    tok = load_tokenizer(hf_teacher)
+    tok = load_tokenizer(tiny_hf_llama)
     seeds, n, batch, doc_len = expected_seeds(tok), 600, 5, 6   # every seed once, some twice
-    meta = data.generate(hf_teacher, n, tmp_path / "a", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1,
+    meta = data.generate(tiny_hf_llama, n, tmp_path / "a", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1,
                          progress=False)
     g = meta["generated"]
     assert g["seeds"] == [tok.decode(s) for s in seeds] and g["seeds"][:3] == ["<|endoftext|>", "<|im_start|>user\n", "The"]
     assert (g["temperature"], g["doc_len"], g["batch"], g["seed"], g["teacher"]) == (1.0, doc_len, batch, 1, "hf_llama")
-    assert g["tokens_per_s"] > 0 and meta["inputs"] == [str(hf_teacher)]
+    assert g["tokens_per_s"] > 0 and meta["inputs"] == [str(tiny_hf_llama)]
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["dtype"] == "uint16"
     want_counts, want_tokens = expected_documents(seeds, n, batch, doc_len)
     assert n <= want_tokens < n + batch * max(map(len, seeds)) + batch * (doc_len + 1)
@@ -442,23 +437,24 @@ def test_generated_folder(tmp_path, hf_teacher):
             got[k] = got.get(k, 0) + c
     assert got == want_counts and len(train) + len(val) == want_tokens
     assert 0.1 < len(val) / want_tokens < 0.3
-    data.generate(hf_teacher, n, tmp_path / "b", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1, progress=False)
-    data.generate(hf_teacher, n, tmp_path / "c", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=2, progress=False)
+    for folder, seed in (("b", 1), ("c", 2)):
+        data.generate(tiny_hf_llama, n, tmp_path / folder, batch=batch, doc_len=doc_len, val_fraction=0.2, seed=seed,
+                      progress=False)
     for f in ("train.bin", "val.bin"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     assert np.fromfile(tmp_path / "a" / "train.bin", np.uint16).tolist() != \
         np.fromfile(tmp_path / "c" / "train.bin", np.uint16).tolist()
 
 
-def test_generate_cli(tmp_path, hf_teacher, capsys):
-    data.main(["--generate", "3e2", "--teacher", str(hf_teacher), "--out", str(tmp_path / "g"),
+def test_generate_cli(tmp_path, tiny_hf_llama, capsys):
+    data.main(["--generate", "3e2", "--teacher", str(tiny_hf_llama), "--out", str(tmp_path / "g"),
                "--gen-batch", "4", "--doc-len", "5", "--device", "cpu", "--val-fraction", "0.1", "--seed", "3"])
     printed = capsys.readouterr().out
     assert "hf_llama samples ->" in printed and "tokens/s" in printed and "held out" not in printed
     g = json.loads((tmp_path / "g" / "meta.json").read_text())["generated"]
     assert (g["doc_len"], g["batch"], g["seed"]) == (5, 4, 3)
     out = ["--out", str(tmp_path / "e")]
-    teacher = ["--teacher", str(hf_teacher)]
+    teacher = ["--teacher", str(tiny_hf_llama)]
     cases = [(["--generate", "2.5"] + teacher, "must be a whole number"),
              (["--generate", "ten"] + teacher, "must be a whole number"),
              (["--generate", "10"] + teacher, "too few for one document per split"),
@@ -474,7 +470,7 @@ def test_generate_cli(tmp_path, hf_teacher, capsys):
     assert e.value.code == 2
 
 
-def test_merge(tmp_path, tok, hf_teacher, capsys):
+def test_merge(tmp_path, tok, tiny_hf_llama, capsys):
     from teacher import load_tokenizer
     for i, text in enumerate(CORPUS):
         (tmp_path / f"{i}.txt").write_text(text * 3, encoding="utf-8")
@@ -490,9 +486,9 @@ def test_merge(tmp_path, tok, hf_teacher, capsys):
     assert m["inputs"] == [str(tmp_path / "A"), str(tmp_path / "B")]
     TokenData(tmp_path / "M").check_tokenizer(tok)
     # the use case: a corpus + text sampled from the teacher, both with the teacher's tokenizer
-    real = load_tokenizer(hf_teacher)
+    real = load_tokenizer(tiny_hf_llama)
     prepare(files, real, tmp_path / "text", 0.3, progress=False)
-    data.generate(hf_teacher, 200, tmp_path / "gen", batch=4, doc_len=4, progress=False)
+    data.generate(tiny_hf_llama, 200, tmp_path / "gen", batch=4, doc_len=4, progress=False)
     data.main(["--merge", str(tmp_path / "text"), str(tmp_path / "gen"), "--out", str(tmp_path / "both")])
     assert "2 folders ->" in capsys.readouterr().out
     both = json.loads((tmp_path / "both" / "meta.json").read_text())
@@ -516,4 +512,5 @@ def test_data_imports_no_model_code():
     import subprocess
     import sys
     code = "import sys, data; print(sorted(m for m in ('teacher', 'sample', 'model', 'export') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
