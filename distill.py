@@ -12,14 +12,18 @@ In this file `step` is always one of these three; one optimizer step is an `upda
     python distill.py                                    # CPU: a short demo of steps 1, 2, 3
     torchrun --nproc_per_node=8 distill.py --step 1      # then --step 2, --step 3 (GPU recipe)
     python distill.py --step 2 --resume                  # continue from out/step2/ckpt
+    python distill.py --step 2 --overwrite               # start step 2 again, deleting the earlier run
 
 Distribution is FSDP2 (docs/method.md §11): one fully_shard per block and a root, bf16 compute
 with fp32 master weights on GPU, fp32 on CPU; the frozen teacher is its own sharded root.
 Outputs per step in --out/stepN/: student/ (model.safetensors + config.json, read by model.py),
-ckpt/ (torch.distributed.checkpoint, for --resume) and log.jsonl (every metric).
+ckpt/ (torch.distributed.checkpoint, for --resume; trusted input, as it is unpickled) and
+log.jsonl (every metric). A fresh run never writes over an earlier one, a resumed one refuses other
+inputs, and a diverging one stops before it updates or saves the weights (docs/method.md §11).
 Throughput on random weights is measured by `python bench.py train`, not here.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -29,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -51,13 +56,17 @@ from teacher import Teacher
 
 # The paper's recipe at 7B (docs/method.md §6-§8). tokens: the 7B budget, scaled to the teacher by
 # token_budget(). batch: sequences per update over all devices, reached by gradient accumulation
-# of micro (sequences per forward on one GPU), so that it does not depend on the number of GPUs.
-# Step 3's batch of 3 × 16384 tokens keeps step 2's 49k tokens per update (docs/method.md §12).
+# of micro (at most this many sequences per forward on one GPU; step_config takes the largest
+# divisor of the per-device rows), so that it does not depend on the number of GPUs.
 STEPS = {
     1: dict(tokens=100e6, ctx=512, batch=32, micro=8, lr=1e-3, lr_end=1e-5, ckpt_act=False),
     2: dict(tokens=500e6, ctx=512, batch=96, micro=8, lr=1e-5, lr_end=1e-5, ckpt_act=True),
-    3: dict(tokens=100e6, ctx=16384, batch=3, micro=1, lr=1e-5, lr_end=1e-5, ckpt_act=True),
+    3: dict(tokens=100e6, ctx=16384, batch=96, micro=1, lr=1e-5, lr_end=1e-5, ckpt_act=True),
 }
+# Step 3's 96 sequences of 16k make 64 updates of its 100M tokens at 7B. A smaller budget (a smaller
+# teacher, --tokens) or a ctx capped at the teacher's window takes fewer sequences per update, so
+# that the step still makes at least this many updates (docs/method.md §8, §12).
+STEP3_UPDATES = 60
 WARMUP = 50            # updates, lr × (0.01 + 0.99·u/50) (docs/method.md §6)
 PAPER_PARAMS = 7.6e9   # Qwen2.5-7B, the teacher the budgets above were measured on
 # The CPU demo (`python distill.py` without a GPU, --tokens, --ctx or --batch): sized to show the
@@ -93,23 +102,46 @@ def token_budget(step, n_params):
     return int(max(paper / 5, paper * n_params / PAPER_PARAMS))
 
 
-def step_config(args, step, world, n_params, cuda) -> StepConfig:
+def multiples(n, world):
+    """The multiples of world nearest n, for an error message: "30 or 36"."""
+    lo = n - n % world
+    return f"{lo} or {lo + world}" if lo else str(world)
+
+
+def step_config(args, step, world, n_params, cuda, window=None) -> StepConfig:
     """Every flag the user set wins; the rest comes from the paper (STEPS, its token budget scaled
-    to the teacher) or, on a CPU without --tokens, --ctx or --batch, from the demo (DEMO)."""
+    to the teacher) or, on a CPU without --tokens, --ctx or --batch, from the demo (DEMO). window:
+    the teacher's context window, which a default ctx is capped at and --ctx may not pass."""
     demo = not cuda and args.tokens is None and args.ctx is None and args.batch is None
     d = {**STEPS[step], **(DEMO[step] if demo else {"tokens": token_budget(step, n_params)})}
-    ctx, batch = args.ctx or d["ctx"], args.batch or d["batch"]
-    # the demo runs one micro-batch per device; no device gets more sequences than the batch has
-    micro = min(args.micro_batch or (batch // world if demo else d["micro"]), max(batch // world, 1))
-    if batch % (world * micro):
-        raise Fail(f"--batch {batch} must be a multiple of the {world} devices × --micro-batch {micro}")
+    tokens, ctx = args.tokens or d["tokens"], args.ctx or d["ctx"]
+    if window and ctx > window:
+        if args.ctx:
+            raise Fail(f"--ctx {ctx} is longer than the teacher's context window of {window} tokens: "
+                       f"pass --ctx {window} or less")
+        ctx = window
+    batch = args.batch or d["batch"]
+    if step == 3 and not demo and not args.batch:  # at least STEP3_UPDATES updates, one sequence per device
+        batch = max(world, min(batch, int(tokens // (ctx * STEP3_UPDATES))) // world * world)
+    if batch % world:
+        what = f"--batch {batch}" if args.batch else f"step {step}'s default batch of {batch} sequences"
+        raise Fail(f"{what} is not a multiple of the {world} devices: pass --batch {multiples(batch, world)}")
+    rows = batch // world  # sequences per device and update
+    if args.micro_batch:   # as asked, or all the rows when it asks for more
+        micro = min(args.micro_batch, rows)
+        if rows % micro:
+            *fits, last = [str(m) for m in range(1, rows + 1) if rows % m == 0]
+            raise Fail(f"--micro-batch {micro} does not divide the {rows} sequences each device takes per update "
+                       f"(--batch {batch}): pass --micro-batch {', '.join(fits)} or {last}")
+    else:  # the largest divisor of the rows up to the step's micro-batch (the demo: one forward per device)
+        micro = max(m for m in range(1, min(rows, d["micro"] if not demo else rows) + 1) if rows % m == 0)
     # --lr moves the whole schedule: lr_end keeps its ratio to the peak
     lr, lr_end = (args.lr, args.lr * d["lr_end"] / d["lr"]) if args.lr else (d["lr"], d["lr_end"])
-    updates = max(1, math.ceil((args.tokens or d["tokens"]) / (batch * ctx)))
+    updates = max(1, math.ceil(tokens / (batch * ctx)))
     # the paper's 50 warmup updates of ~6k; at most a tenth of a short run, so that it reaches its peak
-    return StepConfig(step, ctx, batch, micro, batch // (world * micro), lr, lr_end, updates,
+    return StepConfig(step, ctx, batch, micro, rows // micro, lr, lr_end, updates,
                       min(WARMUP, updates // 10), d["ckpt_act"] and not args.no_ckpt_act, demo,
-                      args.eval_windows or (16 if demo else 64))
+                      args.eval_windows or max(16 if demo else 64, world))
 
 
 # ---------------------------------------------------------------- command line
@@ -124,13 +156,25 @@ class Fail(Exception):
 
 
 def positive(kind):
-    """An argparse type: a number of this kind above zero."""
+    """An argparse type: a finite number of this kind above zero."""
     def parse(s):
-        if kind(s) <= 0:
-            raise argparse.ArgumentTypeError(f"{s} must be above zero")
-        return kind(s)
+        x = kind(s)
+        if not (math.isfinite(x) and x > 0):
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number above zero")
+        return x
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
+
+
+def seed_int(s):
+    """An argparse type: a seed that torch and numpy both take."""
+    x = int(s)
+    if not 0 <= x < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{s} must be an integer from 0 to 2^32 - 1")
+    return x
+
+
+seed_int.__name__ = "int"
 
 
 def parse_args(argv=None):
@@ -139,20 +183,25 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="HF folder or .gguf (default: the embedded SmolLM2-135M)")
     p.add_argument("--data", help=f"token files from data.py (default: {data_lib.DEFAULT_DIR})")
     p.add_argument("--out", default="out", help="run folder: stepN/{student,ckpt,log.jsonl}")
-    p.add_argument("--init", help="student folder to start from instead of the previous step's; 'teacher': "
-                   "the teacher-initialised student (docs/method.md §2), i.e. skip the earlier steps "
+    p.add_argument("--init", help="with --step: student folder to start from instead of the previous step's; "
+                   "'teacher': the teacher-initialised student (docs/method.md §2), i.e. skip the earlier steps "
                    "(an ablation)")
-    p.add_argument("--variant", default="rwkv7", choices=sorted(MIXERS), help="student mixer (model.MIXERS)")
+    p.add_argument("--variant", choices=sorted(MIXERS), help="student mixer (model.MIXERS; default rwkv7), "
+                   "where a student is made from the teacher: step 1, or --init teacher")
     p.add_argument("--tokens", type=positive(float), help="training tokens (default: scaled to the teacher)")
-    p.add_argument("--ctx", type=positive(int), help="tokens per sequence")
+    p.add_argument("--ctx", type=positive(int), help="tokens per sequence (at most the teacher's window)")
     p.add_argument("--batch", type=positive(int), help="sequences per update, over all GPUs")
     p.add_argument("--micro-batch", type=positive(int), help="sequences per forward on one device")
-    p.add_argument("--lr", type=positive(float), help="peak learning rate")
+    p.add_argument("--lr", type=positive(float), help="peak learning rate (may change on --resume)")
     p.add_argument("--freeze-mlp", action="store_true", help="steps 2, 3: train only the time-mix and norms; "
                    "MLPs, embeddings and lm_head stay as they are (an ablation)")
     p.add_argument("--eval-every", type=positive(int), default=500, help="updates between eval + checkpoint")
     p.add_argument("--eval-windows", type=positive(int), help="held-out windows of ctx tokens (64; CPU demo 16)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/stepN/ckpt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from --out/stepN/ckpt (a trusted folder: "
+                       "its metadata is unpickled)")
+    again.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out/stepN first "
+                       "(without it, a fresh run refuses to write over one)")
     p.add_argument("--stop-at", type=positive(int), metavar="UPDATE",
                    help="stop after this update with a checkpoint (split a run)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU; off by default: "
@@ -161,10 +210,23 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels.py backend of every time-mix (auto: triton on CUDA, torch elsewhere); "
                    "rerun with torch to check the Triton kernels on a real run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (slower): repeated runs, and 1 vs N GPUs, comparable bit for bit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """The flag combinations argparse cannot check; p.error exits 2 with the reason."""
+    if args.init and not args.step:
+        p.error("--init replaces the starting student of one step: pass --step too")
+    if args.init == "teacher" and args.step == 3:
+        p.error("--init teacher needs the teacher, which step 3 does not load: pass a student folder")
+    if args.variant and args.step in (2, 3) and args.init != "teacher":
+        p.error(f"--variant does not apply to step {args.step}, which continues its starting student's variant: "
+                "drop --variant (it picks the mixer in step 1, or with --init teacher)")
 
 
 # ---------------------------------------------------------------- distributed setup
@@ -203,19 +265,49 @@ def on_rank0(fn):
 
 # ---------------------------------------------------------------- build: full weights on rank 0
 
-def student_init(args, step, src, teacher):
-    """(StudentConfig, full student state dict) on rank 0: from the teacher for step 1, else the
-    previous step's folder src (or --init)."""
+def start_point(args, step):
+    """Where the step's student starts: None for the teacher (step 1, --init teacher), else the
+    folder: --init, or the previous step's student in --out."""
     if (step == 1 and not args.init) or args.init == "teacher":
-        if teacher is None:
-            raise Fail("--init teacher needs the teacher, which step 3 does not load: pass a student folder")
+        return None
+    return Path(args.init or Path(args.out) / f"step{step - 1}" / "student")
+
+
+def first_line(e):
+    """An exception as one short line: its type and the first line of its message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
+
+
+def check_student(src, step, args):
+    """The starting student's config.json, read before any weights: it must exist, parse, and be of
+    --variant when that is given."""
+    if not (src / "config.json").is_file():
+        first = "" if args.init else f"run `python distill.py --step {step - 1} --out {args.out}` first, or "
+        raise Fail(f"no student in {src}: {first}pass --init DIR (a folder written by Student.save)")
+    try:
+        variant = json.loads((src / "config.json").read_text())["variant"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Fail(f"{src / 'config.json'} is not a student config ({first_line(e)}); pass a folder "
+                   "written by Student.save or distill.py") from None
+    if args.variant and variant != args.variant:
+        raise Fail(f"{src} holds a {variant} student but --variant is {args.variant}: drop --variant, or "
+                   f"start from a {args.variant} student")
+
+
+def student_init(args, step, teacher):
+    """(StudentConfig, full student state dict) on rank 0: from the teacher for step 1, else the
+    previous step's folder (or --init), whose config check_start has read."""
+    src = start_point(args, step)
+    if src is None:
         torch.manual_seed(args.seed)
-        s = Student.from_teacher(teacher, args.variant)
+        s = Student.from_teacher(teacher, args.variant or "rwkv7")
     else:
-        if not (src / "config.json").is_file():
-            first = "" if args.init else f"run `python distill.py --step {step - 1} --out {args.out}` first, or "
-            raise Fail(f"no student in {src}: {first}pass --init DIR (a folder written by Student.save)")
-        s = Student.load(src, dtype=torch.float32)
+        try:
+            s = Student.load(src, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # damaged or foreign files
+            raise Fail(f"cannot load the student in {src} ({first_line(e)}); pass a folder written by "
+                       "Student.save or distill.py") from None
     if teacher is not None:  # a student from another teacher cannot be distilled against this one
         for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if getattr(s.cfg, f) != getattr(teacher.cfg, f):
@@ -228,13 +320,140 @@ def read_weights(args, step):
     """Rank 0: the teacher (not for step 3) and the student's starting point, full, on the CPU, and
     the tokenizer: the teacher's, or for step 3 the one the previous step saved beside its student.
     Returns (teacher cfg, student cfg, size), (weights, Tok)."""
-    prev = Path(args.init or Path(args.out) / f"step{step - 1}" / "student")
     t, tok = teacher_lib.load_teacher(args.teacher) if step != 3 else (None, None)
-    scfg, ssd = student_init(args, step, prev, t)
-    tok = tok or teacher_lib.load_tokenizer(prev if (prev / "tokenizer.json").is_file() else args.teacher)
+    scfg, ssd = student_init(args, step, t)
+    src = start_point(args, step)
+    tok = tok or teacher_lib.load_tokenizer(src if (src / "tokenizer.json").is_file() else args.teacher)
     n_params = sum(v.numel() for v in (t.parameters() if t is not None else ssd.values()))
     keep = t is not None and step != 3
     return (t.cfg if keep else None, scfg, n_params), (t.state_dict() if keep else {}, ssd, tok)
+
+
+# ---------------------------------------------------------------- before loading: --out, and what a run reads
+
+RUN_FILES = ("log.jsonl", "ckpt", "ckpt.old", "ckpt.tmp", "student")  # what a step writes in --out/stepN
+
+
+def check_out(args, steps):
+    """Rank 0, before anything is loaded: --out is a writable folder, and a fresh run never writes
+    over an earlier one's checkpoint, log or student (--overwrite deletes them first)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise Fail(f"--out {out} is a file: pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise Fail(f"--out {out} is not a writable folder ({e.strerror}): pass another --out") from None
+    if args.resume:
+        return
+    for step in steps:
+        d = out / f"step{step}"
+        found = [name for name in RUN_FILES if (d / name).exists()]
+        if found and not args.overwrite:
+            raise Fail(f"{d} holds an earlier run ({', '.join(found)}): pass --resume to continue it, another "
+                       "--out, or --overwrite to replace it")
+        for name in found:
+            shutil.rmtree(d / name) if (d / name).is_dir() else (d / name).unlink()
+
+
+def digest(paths):
+    """A cheap identity of files of any size: their names, sizes and a sha256 over 256 blocks of
+    4 KiB at evenly spaced offsets of each (the whole file when smaller). A copy has the same
+    digest; weights trained or written again differ in some block. None when a file is missing."""
+    h = hashlib.sha256()
+    for path in paths:
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        h.update(f"{path.name} {size}\n".encode())
+        with path.open("rb") as f:
+            if size <= 256 * 4096:
+                h.update(f.read())
+                continue
+            for i in range(256):
+                f.seek(i * (size - 4096) // 255)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
+
+
+def fingerprints(args, step):
+    """What a step reads, as digests recorded in its checkpoint: --resume refuses other inputs (the
+    same flags on different files). data: the token files; teacher (steps 1, 2): its config,
+    tokenizer and weight files; init: the starting student's files, or 'teacher'."""
+    data = Path(args.data or data_lib.DEFAULT_DIR)
+    if data.is_dir():   # data.py's meta.json and token files, or Megatron train/val .bin/.idx
+        files = sorted(f for f in data.iterdir() if f.suffix in (".json", ".bin", ".idx"))
+    else:               # a Megatron prefix
+        base = data.with_suffix("") if data.suffix in (".bin", ".idx") else data
+        files = [Path(f"{base}.bin"), Path(f"{base}.idx")]
+    fp = {"data": digest(files)}
+    if step != 3:
+        try:
+            t = Path(args.teacher).expanduser() if args.teacher else teacher_lib.default_teacher_path()
+        except teacher_lib.TeacherError as e:
+            raise Fail(str(e)) from None
+        fp["teacher"] = digest(sorted(f for f in t.iterdir() if f.suffix in (".json", ".safetensors"))
+                               if t.is_dir() else [t])
+    src = start_point(args, step)
+    fp["init"] = "teacher" if src is None else digest([src / "config.json", src / "model.safetensors"])
+    return fp
+
+
+def usable_ckpt(out):
+    """The step's checkpoint folder, or the one a crash between save_ckpt's renames left; None."""
+    ckpt = out / "ckpt"
+    for path in (ckpt, ckpt.with_suffix(".old")):
+        if (path / "meta.json").is_file():
+            return path
+    return None
+
+
+def resume_point(out):
+    """usable_ckpt for --resume, or the Fail that says how to start instead."""
+    path = usable_ckpt(out)
+    if path is None:
+        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        raise Fail(f"--resume: no checkpoint in {out / 'ckpt'}: start the step without --resume"
+                   + (f", with --overwrite (the folder holds {', '.join(earlier)})" if earlier else ""))
+    return path
+
+
+def ckpt_meta(path):
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise Fail(f"--resume: {path / 'meta.json'} is unreadable ({first_line(e)}); the checkpoint is damaged: "
+                   "start the step again with --overwrite") from None
+
+
+def check_start(args, step):
+    """Rank 0, before the step loads weights: the starting student's config (and --variant), and on
+    --resume a checkpoint that exists and was written from the same inputs. Returns the inputs'
+    fingerprints."""
+    src = start_point(args, step)
+    if src is not None:
+        check_student(src, step, args)
+    inputs = fingerprints(args, step)
+    if args.resume:
+        path = resume_point(Path(args.out) / f"step{step}")
+        check_inputs(path, ckpt_meta(path).get("inputs"), inputs)
+    return inputs
+
+
+INPUTS = {"data": ("other token files", "--data"), "teacher": ("another teacher", "--teacher"),
+          "init": ("another starting student", "--init")}
+
+
+def check_inputs(path, saved, now):
+    """Refuse to continue a checkpoint on other inputs. Checkpoints older than the fingerprints
+    carry none and are not checked; an input not yet made (the default corpus) is checked later."""
+    for k, v in now.items():
+        if saved is not None and v is not None and saved.get(k) != v:
+            what, flag = INPUTS[k]
+            raise Fail(f"--resume: {path} was trained from {what} (digest {saved.get(k)}, now {v}): pass "
+                       f"the {flag} of the interrupted run, or start the step again with --overwrite")
 
 
 # ---------------------------------------------------------------- data
@@ -251,9 +470,13 @@ def open_data(args, cfg, tok, world):
             data_lib.prepare(data_lib.default_corpus(), t, path)
         data_lib.TokenData(path, "train").check_tokenizer(t)
         val = data_lib.TokenData(path, "val")
-        if min((len(val) - 1) // cfg.ctx, cfg.eval_windows) < world:
-            raise Fail(f"{path}: the held-out split has fewer windows of {cfg.ctx} tokens than the {world} "
-                       "devices; lower --ctx or prepare the data with a larger --val-fraction")
+        if cfg.eval_windows < world:  # every rank evaluates at least one window
+            raise Fail(f"--eval-windows {cfg.eval_windows} is fewer than the {world} devices: pass --eval-windows "
+                       f"{world} or more")
+        if (len(val) - 1) // cfg.ctx < world:
+            raise Fail(f"{path}: the held-out split holds {(len(val) - 1) // cfg.ctx} windows of {cfg.ctx} tokens, "
+                       f"fewer than the {world} devices; lower --ctx or prepare the data with a larger "
+                       "--val-fraction")
         return None, None
 
     on_rank0(check)
@@ -467,6 +690,11 @@ def lr_at(u, updates, warmup, lr, lr_end):
 
 # ---------------------------------------------------------------- evaluation
 
+def perplexity(nll):
+    """exp(token-mean NLL); inf for a diverged model, where math.exp would overflow (nan stays nan)."""
+    return math.inf if nll > 709 else math.exp(nll)
+
+
 @torch.no_grad()
 def evaluate(model, teacher, val, cfg, device):
     """Held-out metrics: student and teacher perplexity and ratio, token-mean KL(T‖S), top-1
@@ -486,9 +714,9 @@ def evaluate(model, teacher, val, cfg, device):
             teacher.reshard()
     dist.all_reduce(sums)
     nll_s, nll_t, kl, agree, n = sums.tolist()
-    m = {"ppl_student": math.exp(nll_s / n), "top1_agree": agree / n, "eval_tokens": int(n)}
+    m = {"ppl_student": perplexity(nll_s / n), "top1_agree": agree / n, "eval_tokens": int(n)}
     if teacher is not None:
-        m.update(ppl_teacher=math.exp(nll_t / n), kl=kl / n)
+        m.update(ppl_teacher=perplexity(nll_t / n), kl=kl / n)
         m["ppl_ratio"] = m["ppl_student"] / m["ppl_teacher"]
     if step == 1:
         align = torch.as_tensor(align, device=device) / n_batches
@@ -534,20 +762,25 @@ def save_ckpt(path, model, opt, update, meta):
     dist.barrier()
 
 
-def load_ckpt(path, model, opt, meta):
-    """The update to continue from; model and optimizer state loaded in place."""
-    if not path.exists() and path.with_suffix(".old").exists():
-        path = path.with_suffix(".old")  # a crash between the two renames of save_ckpt
-    if not (path / "meta.json").exists():
-        raise Fail(f"--resume: no checkpoint in {path}; run without --resume to start this step")
-    saved = json.loads((path / "meta.json").read_text())
-    diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+def load_ckpt(out, model, opt, meta):
+    """The update to continue from; model and optimizer state loaded in place from out/ckpt (or
+    ckpt.old). Checkpoints are trusted input: DCP unpickles their .metadata. Every setting in meta
+    must be as saved except lr: a new --lr continues the schedule at that peak (after a divergence)."""
+    path = resume_point(out)
+    saved = ckpt_meta(path)
+    diff = {k: (saved.get(k), v) for k, v in meta.items() if k not in ("lr", "inputs") and saved.get(k) != v}
     if diff:
         raise Fail(f"--resume: {path} was written with other settings {diff} (saved, now); "
                    "pass the same flags as the interrupted run")
+    check_inputs(path, saved.get("inputs"), meta["inputs"])
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(path))
+    try:   # a failed read raises the same CheckpointException on every rank
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, dcp.CheckpointException) as e:  # truncated, missing or foreign files
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        raise Fail(f"--resume: cannot read the checkpoint {path} ({first_line(cause)}): it is damaged or "
+                   "incomplete; start the step again with --overwrite") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
     return saved["step"]
@@ -568,6 +801,19 @@ def export(model, scfg, tok, path):
 
 
 # ---------------------------------------------------------------- the loop
+
+def diverged(what, u, cfg, out):
+    """The Fail of a non-finite loss, gradient norm or held-out perplexity. It is raised before the
+    update or the save, so the last checkpoint, if any, holds weights that were still finite; the
+    advice continues from it at a lower peak (load_ckpt accepts a new --lr)."""
+    lower = f"--lr {cfg.lr / 10:g}"
+    path = usable_ckpt(out)
+    how = (f"continue from the last good checkpoint, {path} (update {ckpt_meta(path)['step']}), with the same "
+           f"flags plus --resume {lower}" if path else
+           f"no checkpoint was saved: start the step again with the same flags plus --overwrite {lower}")
+    return Fail(f"{what} at update {u} of step {cfg.step}: training diverged and stopped before updating or "
+                f"saving the weights; {how}")
+
 
 def train(args, cfg, model, teacher, opt, params, batches, val, out, meta, start, device):
     """Updates start .. cfg.updates, with evaluation and checkpoint at the top of the loop body.
@@ -592,6 +838,11 @@ def train(args, cfg, model, teacher, opt, params, batches, val, out, meta, start
                 if rank == 0:
                     bar.write(f"eval at update {u}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                                                                    if isinstance(v, float)))
+                if not math.isfinite(last["ppl_student"]):  # before saving or exporting these weights
+                    if u == 0:
+                        raise Fail(f"the starting student's held-out perplexity is {last['ppl_student']} before "
+                                   "any update: its weights are broken; start from another student (--init)")
+                    raise diverged(f"held-out perplexity is {last['ppl_student']}", u, cfg, out)
             if u > start and (u % args.eval_every == 0 and u < cfg.updates or u == args.stop_at):
                 save_ckpt(out / "ckpt", model, opt, u, meta)
             if done:
@@ -610,11 +861,11 @@ def train(args, cfg, model, teacher, opt, params, batches, val, out, meta, start
             dist.all_reduce(loss)  # the mean over ranks (gloo has no AVG)
             loss /= world
             if not torch.isfinite(loss):  # before the update: the weights and last checkpoint stay good
-                raise Fail(f"loss is {loss.item()} at update {u} of step {cfg.step}; stopped before updating. "
-                           f"Last good checkpoint: {out / 'ckpt'} (saved every --eval-every updates). "
-                           "Lower --lr, --resume")
+                raise diverged(f"loss is {loss.item()}", u, cfg, out)
             gnorm = nn.utils.clip_grad_norm_(params, 1.0)
             gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # DTensor under FSDP2
+            if not torch.isfinite(gnorm):  # clipping by a non-finite norm would poison every weight
+                raise diverged(f"gradient norm is {gnorm.item()}", u, cfg, out)
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -641,21 +892,29 @@ def describe(cfg, world, cuda):
 def run_step(args, step, rank, world, device):
     cuda = device.type == "cuda"
     out = Path(args.out) / f"step{step}"
+    # before any weights: the starting student's config, and on --resume the checkpoint's inputs
+    inputs, _ = on_rank0(lambda: (check_start(args, step), None))
     # build: full weights on rank 0 only; then the step's numbers, which scale with the size
     (tcfg, scfg, n_params), big = on_rank0(lambda: read_weights(args, step))
     tsd, ssd, tok = big or ({}, {}, None)  # the other ranks receive the weights while sharding
-    cfg = step_config(args, step, world, n_params, cuda)
+    window = (tcfg or scfg).max_seq_len   # the student carries its teacher's window into step 3
+    cfg = step_config(args, step, world, n_params, cuda, window)
     if rank == 0:
         print(describe(cfg, world, cuda))
+        if not args.ctx and not cfg.demo and cfg.ctx < STEPS[step]["ctx"]:
+            print(f"ctx {cfg.ctx}: the teacher's context window, shorter than the paper's {STEPS[step]['ctx']}")
     batches, val = open_data(args, cfg, tok, world)  # its checks are cheap: before the sharding
+    if inputs["data"] is None:  # the default corpus was prepared just now
+        inputs, _ = on_rank0(lambda: (fingerprints(args, step), None))
     # shard, then the optimizer over the trainable parameters only
     teacher = shard_teacher(tcfg, tsd, device) if tcfg else None
     model = shard_student(scfg, ssd, step, device, cfg.ckpt_act, cuda and args.compile, args.freeze_mlp)
     del tsd, ssd, big  # rank 0's full copies
     params, opt = make_optimizer(model, cfg.lr)
     meta = dict(step_kind=step, total=cfg.updates, batch=cfg.batch, ctx=cfg.ctx, lr=cfg.lr, seed=args.seed,
-                variant=scfg.variant, **({"freeze_mlp": True} if args.freeze_mlp else {}))  # older ckpts resume
-    start = load_ckpt(out / "ckpt", model, opt, meta) if args.resume else 0
+                variant=scfg.variant, **({"freeze_mlp": True} if args.freeze_mlp else {}),  # older ckpts resume
+                inputs=inputs)
+    start = load_ckpt(out, model, opt, meta) if args.resume else 0
     first, last, u = train(args, cfg, model, teacher, opt, params, batches, val, out, meta, start, device)
     if u == cfg.updates:
         export(model, scfg, tok, out / "student")
@@ -669,11 +928,15 @@ def main(argv=None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a deterministic kernel, don't stop
         torch.use_deterministic_algorithms(True, warn_only=True)
     rank, world, device = init_dist()
+    steps = [args.step] if args.step else [1, 2, 3]
     try:
         if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Fail("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
         kernels.AUTO = args.backend
-        for step in [args.step] if args.step else [1, 2, 3]:
+        for step in steps:  # the batch flags against the device count, before anything is loaded
+            step_config(args, step, world, PAPER_PARAMS, device.type == "cuda")
+        on_rank0(lambda: (check_out(args, steps), None))
+        for step in steps:
             try:
                 run_step(args, step, rank, world, device)
             except torch.OutOfMemoryError:  # outside the training loop: loading, sharding, evaluating

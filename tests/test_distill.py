@@ -1,6 +1,7 @@
 """distill.py's behaviour: the losses fall in each step, what each step trains and loads, the
-ablation flags, clear one-line errors and clean stops on NaN / out of memory, step 1 on the real
-default teacher, and the README's commands end to end with the QLinAtt student. (Its numbers
+ablation flags, clear one-line errors and clean stops on NaN / out of memory, defaults that fit 1,
+2, 4 and 8 GPUs, no run written over or resumed on other inputs, step 1 on the real default
+teacher, and the README's commands end to end with the QLinAtt student. (Its numbers
 against independent references, FSDP2 against a plain loop, 2 ranks, resume: test_equivalence.py
 §5-§7.) Tiny llama teachers from conftest.tiny_hf_teacher, token files made by data.py.
 
@@ -9,6 +10,7 @@ against independent references, FSDP2 against a plain loop, 2 ranks, resume: tes
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,11 +146,14 @@ def test_nan_and_oom_stop_cleanly(distill_env, tmp_path, capsys, monkeypatch):
         return loss * float("nan") if len(calls) > 6 else loss
 
     monkeypatch.setattr(distill, "forward_backward", nan_at_update_4)
-    err = fails(capsys, *distill_flags(distill_env, tmp_path, "--step", "1", "--tokens", str(6 * 4 * 32),
-                                       "--eval-every", "2"))
-    assert "nan at update 3 of step 1" in err and "--lr" in err
+    flags = distill_flags(distill_env, tmp_path, "--step", "1", "--tokens", str(6 * 4 * 32), "--eval-every", "2")
+    err = fails(capsys, *flags)
+    assert "nan at update 3 of step 1" in err and "step1/ckpt (update 2)" in err and "--resume --lr 0.0001" in err
     assert json.loads((tmp_path / "step1" / "ckpt" / "meta.json").read_text())["step"] == 2   # still good
     assert len(logged_losses(tmp_path, 1)) == 3
+    monkeypatch.setattr(distill, "forward_backward", real)   # the advice works: resume at a lower peak
+    distill.main([*flags, "--resume", "--lr", "0.0001"])
+    assert len(logged_losses(tmp_path, 1)) == 6 and (tmp_path / "step1" / "student").is_dir()
 
     def oom(*a):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -156,6 +161,118 @@ def test_nan_and_oom_stop_cleanly(distill_env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(distill, "forward_backward", oom)
     err = fails(capsys, *distill_flags(distill_env, tmp_path / "o", "--step", "1"))
     assert "out of memory" in err and "--micro-batch" in err
+
+
+def test_diverged_eval_saves_nothing(distill_env, tmp_path, capsys, monkeypatch):
+    """A held-out perplexity that overflows (inf, not a crash) stops the run before the checkpoint
+    of that update; with none saved, the advice is to start again."""
+    real = distill.evaluate
+    monkeypatch.setattr(distill, "evaluate", lambda *a: {**real(*a), "ppl_student": distill.perplexity(1e4)}
+                        if len(logged_losses(tmp_path, 1)) == 2 else real(*a))
+    err = fails(capsys, *distill_flags(distill_env, tmp_path, "--step", "1", "--tokens", str(4 * 4 * 32),
+                                       "--eval-every", "2"))
+    assert "held-out perplexity is inf at update 2 of step 1" in err and "--overwrite --lr 0.0001" in err
+    assert not (tmp_path / "step1" / "ckpt").exists() and not (tmp_path / "step1" / "student").exists()
+    assert math.isnan(distill.perplexity(math.nan)) and distill.perplexity(2.0) == math.exp(2.0)
+
+
+# ---------------------------------------------------------------- defaults on 1, 2, 4, 8 GPUs
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_default_steps_fit_any_gpu_count(world):
+    """The README's GPU commands (`--step N`, nothing else) at the 7B budgets (Qwen2.5-7B's window)
+    and at SmolLM2-135M's (window 8192): a layout for every step, micro-batches that divide each
+    device's rows, the paper's batches, and step 3 with at least STEP3_UPDATES updates."""
+    for n_params, window, step3 in ((7.6e9, 32768, dict(ctx=16384, batch=96, updates=64)),
+                                    (135e6, 8192, dict(ctx=8192, batch=40, updates=62))):
+        for step in (1, 2, 3):
+            cfg = distill.step_config(distill.parse_args(["--step", str(step)]), step, world, n_params, True, window)
+            assert cfg.batch == world * cfg.micro * cfg.accum and cfg.batch % world == 0
+            assert cfg.micro <= distill.STEPS[step]["micro"] and cfg.eval_windows >= world
+            if step == 3:
+                assert (cfg.ctx, cfg.batch, cfg.updates) == tuple(step3.values()), cfg
+            else:
+                assert (cfg.ctx, cfg.batch) == (512, distill.STEPS[step]["batch"]), cfg
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, before loading
+
+def cli_error(capsys, argv):
+    """distill.main(argv) in-process must exit 2 with no traceback; returns the last stderr line."""
+    with pytest.raises(SystemExit) as e:
+        distill.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_bad_input_one_line(distill_env, three_steps, tmp_path, capsys):
+    student = three_steps[0] / "step1" / "student"
+    (tmp_path / "a-file").touch()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((student / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes((student / "model.safetensors").read_bytes()[:1000])
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "config.json").write_text('{"variant": ')
+    rows = [  # (flags after the tiny env's, the error's text)
+        (["--tokens", "nan"], "argument --tokens: nan must be a finite number above zero"),
+        (["--lr", "inf"], "argument --lr: inf must be a finite number above zero"),
+        (["--lr", "nan"], "argument --lr: nan must be a finite number above zero"),
+        (["--seed", "-1"], "argument --seed: -1 must be an integer from 0 to 2^32 - 1"),
+        (["--resume", "--overwrite"], "not allowed with argument"),
+        (["--init", str(student)], "--init replaces the starting student of one step: pass --step too"),
+        (["--step", "3", "--init", "teacher"], "step 3 does not load"),
+        (["--step", "2", "--variant", "rwkv6"], "--variant does not apply to step 2"),
+        (["--step", "1", "--micro-batch", "3"], "--micro-batch 3 does not divide the 4 sequences each device"),
+        (["--step", "1", "--out", str(tmp_path / "a-file")], f"--out {tmp_path / 'a-file'} is a file"),
+        (["--step", "1", "--out", str(tmp_path / "a-file" / "x")], "is not a writable folder"),
+        (["--step", "1", "--ctx", "5000"], "--ctx 5000 is longer than the teacher's context window of 4096 tokens"),
+        (["--step", "1", "--init", str(student), "--variant", "rwkv6"], "holds a rwkv7 student but --variant is rwkv6"),
+        (["--step", "2", "--init", str(damaged)], f"cannot load the student in {damaged}"),
+        (["--step", "2", "--init", str(unreadable)], f"{unreadable / 'config.json'} is not a student config"),
+        (["--step", "1", "--resume"], "--resume: no checkpoint in"),
+    ]
+    for flags, want in rows:
+        argv = distill_flags(distill_env, tmp_path / "out", *flags)
+        if "--out" in flags:
+            argv = [*argv[:argv.index("--out")], *argv[argv.index("--out") + 2:]]   # the row's --out
+        err = cli_error(capsys, argv)
+        assert "error: " in err and want in err, (flags, err)
+
+
+# ---------------------------------------------------------------- no data loss, no silent mix
+
+def test_existing_out_refused_overwrite_replaces(distill_env, tmp_path, capsys):
+    flags = distill_flags(distill_env, tmp_path, "--step", "1", "--tokens", str(2 * 4 * 32))
+    distill.main(flags)
+    log = (tmp_path / "step1" / "log.jsonl").read_text()
+    err = cli_error(capsys, flags)
+    assert f"{tmp_path / 'step1'} holds an earlier run (log.jsonl, student)" in err and "--overwrite" in err
+    assert (tmp_path / "step1" / "log.jsonl").read_text() == log                   # untouched
+    distill.main([*flags, "--overwrite"])
+    assert len(logged_losses(tmp_path, 1)) == 2                                     # one run's records
+
+
+def test_resume_refuses_other_inputs(distill_env, tmp_path, capsys):
+    """--resume checks the checkpoint's fingerprints: a copy of the data folder is the same data,
+    other token files (another held-out split) are refused; a damaged checkpoint is one line."""
+    flags = distill_flags(distill_env, tmp_path / "run", "--step", "1", "--tokens", str(3 * 4 * 32))
+    distill.main([*flags, "--stop-at", "1"])
+    other = tmp_path / "other"
+    data_lib.prepare([distill_env / "a.txt", distill_env / "b.txt"], teacher_lib.load_tokenizer(distill_env / "teacher"),
+                     other, val_fraction=0.2, progress=False)
+    err = cli_error(capsys, [*flags, "--resume", "--data", str(other)])
+    assert "was trained from other token files" in err and "pass the --data of the interrupted run" in err
+    shutil.copytree(tmp_path / "run", tmp_path / "broken")
+    (tmp_path / "broken" / "step1" / "ckpt" / "__0_0.distcp").write_bytes(b"")
+    err = cli_error(capsys, [*distill_flags(distill_env, tmp_path / "broken", "--step", "1", "--tokens",
+                                            str(3 * 4 * 32)), "--resume"])
+    assert "cannot read the checkpoint" in err and "--overwrite" in err
+    shutil.copytree(distill_env / "data", tmp_path / "copy")
+    distill.main([*flags, "--resume", "--data", str(tmp_path / "copy")])
+    assert len(logged_losses(tmp_path / "run", 1)) == 3
 
 
 # ---------------------------------------------------------------- the real default teacher
