@@ -7,8 +7,10 @@
               state, called and replayed from a CUDA graph.
     train     distill.py's steps on random weights of a teacher shape (docs/results.md): tokens/s
               per device, peak memory and MFU against the bf16 matmul ceiling measured in the run.
-    generate  decoding with a student's recurrent state against its teacher's KV cache, at
-              several prompt lengths and batch sizes: tokens/s, ms per step, cache and peak memory.
+    generate  decoding with a student's recurrent state against its teacher's KV cache (sample.py's
+              decoders, CUDA-graphed on a GPU) at several context lengths and batch sizes: tokens/s,
+              ms per step, cache size, and each step's HBM roofline against the copy bandwidth
+              measured in the run.
 
     python bench.py kernels --shapes smol-L512 --reps 3 --threads 1          # CPU
     python bench.py kernels --shapes smol-L512,q7b-L4k                       # GPU (fla optional)
@@ -16,7 +18,8 @@
     python bench.py train --shape smol --step 2 --micro-batch 16             # one GPU
     torchrun --nproc_per_node=2 bench.py train --shape q7b --step 2 --micro-batch 8 --updates 6
     python bench.py generate --ckpt out/step3/student --lengths 128,512 --batches 1,4 --threads 1
-    python bench.py generate --ckpt runs/smol/main/step3/student --dtype bf16   # GPU
+    python bench.py generate --dtype bf16 --no-prefill              # GPU: random weights, SmolLM2 shape
+    python bench.py generate --shape q7b --dtype bf16 --no-prefill --lengths 4096 --batches 1
 
 The benchmarks use the library's public functions (the same code a real run executes); none of
 them lives in a library file.
@@ -38,7 +41,7 @@ import teacher as teacher_lib
 from export import load_checkpoint
 from kernels import rwkv6_attn, rwkv7_attn
 from model import MIXERS, Student
-from sample import StudentDecoder, TeacherDecoder, prefill
+from sample import SampleConfig, StudentDecoder, TeacherDecoder, pick, prefill
 from teacher import Teacher, TeacherConfig
 
 
@@ -351,58 +354,125 @@ def train_step(args, step, device):
 # ---------------------------------------------------------------------------------------------
 # generate: recurrent state against KV cache
 # ---------------------------------------------------------------------------------------------
+# A decode step reads every weight once (the embedding only in its B rows, unless it is also the
+# head) and the whole state or KV cache in use, and writes the state (the student) or one position
+# of the cache (the teacher). Those bytes over the copy bandwidth measured in the same run are the
+# step's HBM roofline: no step can be faster.
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
+def copy_bandwidth(device, nbytes=2**30, reps=10) -> float:
+    """Bytes per second of a device copy (read + written), measured now: the roofline's denominator."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: all of them, less an embedding table that is not
+    also the head (a step reads B of its rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())     # tied weights once
+    emb = model.embed_tokens.weight
+    return total - (0 if emb is model.lm_head.weight else emb.numel() * emb.element_size())
+
+
+def step_bytes(dec) -> int:
+    """Bytes one step reads and writes beyond the weights: the state twice (the student), or the
+    cache in use and the new position's keys and values (the teacher)."""
+    if isinstance(dec, StudentDecoder):
+        return 2 * dec.cache_bytes()
+    k = dec.k[0]
+    return dec.cache_bytes() + 2 * len(dec.k) * k[:, :, :1].numel() * k.element_size()
+
+
 @torch.no_grad()
-def generate_row(make_decoder, B, T, tokens, vocab, device, prefill_chunk=2048, seed=0):
-    """(decode tokens/s over B rows, ms per step, cache MiB, peak MiB or nan) after a T-token prompt."""
+def generate_row(make_decoder, B, T, tokens, vocab, device, bandwidth, sampling, prefill_chunk=2048, seed=0,
+                 prompt=True):
+    """Decode `tokens` steps back to back after T tokens of context (a random prompt, or with
+    prompt=False the state/cache set to position T without reading one: a step's time does not
+    depend on the values it reads). make_decoder(B, max_len, first position). Returns {tok_s (over B rows),
+    ms (per step), cache_mib, roofline_ms, peak_mib (CUDA only, else nan)}."""
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (B, T), generator=g).to(device)
-    dec = make_decoder(B, T + tokens + 1)
-    nxt = prefill(dec, prompt, prefill_chunk).argmax(-1)[:, None]
-    nxt = dec(nxt)[:, -1].argmax(-1)[:, None]                   # warm-up step
+    dec = make_decoder(B, T + tokens + 4, 0 if prompt else T)
+    if prompt:
+        logits = prefill(dec, torch.randint(0, vocab, (B, T), generator=g).to(device), prefill_chunk)
+    else:
+        logits = dec(torch.randint(0, vocab, (B, 1), generator=g).to(device))[:, -1]
+    gen = torch.Generator(device).manual_seed(seed)
+    nxt = pick(logits, sampling, gen)[:, None]
+    for _ in range(2):                             # warm-up: the first one-token call captures the graph
+        nxt = pick(dec(nxt)[:, -1], sampling, gen)[:, None]
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(tokens):
-        _sync(device)
-        t0 = time.perf_counter()
-        nxt = dec(nxt)[:, -1].argmax(-1)[:, None]
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]
+    t0 = time.perf_counter()
+    for _ in range(tokens):                        # as generation runs: no host sync per token
+        nxt = pick(dec(nxt)[:, -1], sampling, gen)[:, None]
+    _sync(device)
+    step = (time.perf_counter() - t0) / tokens
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return B / step, 1e3 * step, dec.cache_bytes() / 2**20, peak
+    roofline = (weight_bytes(dec.model) + step_bytes(dec)) / bandwidth
+    return {"tok_s": B / step, "ms": 1e3 * step, "cache_mib": dec.cache_bytes() / 2**20,
+            "roofline_ms": 1e3 * roofline, "peak_mib": peak}
 
 
-def generate_table(student, teacher, lengths, batches, tokens, device, prefill_chunk=2048, seed=0):
+def generate_table(student, teacher, lengths, batches, tokens, device, prefill_chunk=2048, seed=0, prompt=True,
+                   graph=None, temperature=0.0):
     """Print one row per (T, B) and return them: [{"T", "B", "student": generate_row(...), "teacher": ...}]."""
-    print(f"decode after a T-token prompt; median of {tokens} steps; device {device}, "
-          f"{torch.get_num_threads()} threads, weights {student.embed_tokens.weight.dtype}; "
-          "cache = recurrent state (student) / KV cache (teacher); peak = max allocated (CUDA only)")
-    head = (f"{'T':>6} {'B':>3} | {'student tok/s':>13} {'ms/step':>8} {'state MB':>9} {'peak MB':>8} | "
-            f"{'teacher tok/s':>13} {'ms/step':>8} {'KV MB':>9} {'peak MB':>8} | {'speed x':>7} {'cache x':>8}")
+    bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    sampling = SampleConfig(temperature=temperature)
+    graphed = device.type == "cuda" if graph is None else graph
+    context = "a random prompt" if prompt else "state/cache set to T, no prompt read"
+    where = (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f", {torch.get_num_threads()} threads")
+    print(f"decode after T tokens of context ({context}); {tokens} steps back to back; device {device}{where}"
+          f"; weights {student.embed_tokens.weight.dtype}, state fp32; "
+          f"{'one-token steps replayed from a CUDA graph' if graphed else 'eager steps'}; "
+          f"{'greedy' if temperature == 0 else f'sampling at temperature {temperature}'}\n"
+          f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + written); weights read per step: student "
+          f"{weight_bytes(student) / 2**20:,.0f} MiB, teacher {weight_bytes(teacher) / 2**20:,.0f} MiB; "
+          "roof = step bytes / copy bandwidth, % = roof / ms; cache = state (student) / KV cache (teacher)")
+    head = (f"{'T':>6} {'B':>4} | {'student tok/s':>13} {'ms/step':>8} {'roof ms':>8} {'%':>4} {'state MiB':>10} | "
+            f"{'teacher tok/s':>13} {'ms/step':>8} {'roof ms':>8} {'%':>4} {'KV MiB':>10} | {'speed x':>7}")
     print(head + "\n" + "-" * len(head), flush=True)
+
+    def make_student(B, max_len, at):
+        dec = StudentDecoder(student, student.init_state(B, device), graph=graph)
+        dec.state.pos = at
+        return dec
+
+    def make_teacher(B, max_len, at):
+        dec = TeacherDecoder(teacher, B, max_len, graph=graph)
+        dec.pos = at
+        return dec
+
     results = []
     for T in lengths:
         for B in batches:
             rows = []
-            for make in (lambda b, n: StudentDecoder(student), lambda b, n: TeacherDecoder(teacher, b, n)):
+            for make in (make_student, make_teacher):
                 try:
-                    rows.append(generate_row(make, B, T, tokens, student.cfg.vocab_size, device, prefill_chunk, seed))
+                    rows.append(generate_row(make, B, T, tokens, student.cfg.vocab_size, device, bandwidth, sampling,
+                                             prefill_chunk, seed, prompt))
                 except (torch.OutOfMemoryError, MemoryError):       # report the sizes that fit
-                    rows.append((float("nan"),) * 4)
+                    rows.append(dict.fromkeys(("tok_s", "ms", "cache_mib", "roofline_ms", "peak_mib"), float("nan")))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            (s_tps, s_ms, s_mb, s_pk), (t_tps, t_ms, t_mb, t_pk) = rows
-            print(f"{T:>6} {B:>3} | {s_tps:>13.1f} {s_ms:>8.2f} {s_mb:>9.3g} {s_pk:>8.0f} | "
-                  f"{t_tps:>13.1f} {t_ms:>8.2f} {t_mb:>9.3g} {t_pk:>8.0f} | {s_tps / t_tps:>7.2f} "
-                  f"{t_mb / s_mb:>8.2f}", flush=True)
-            results.append({"T": T, "B": B, "student": rows[0], "teacher": rows[1]})
+            s, t = rows
+            pct = lambda r: 100 * r["roofline_ms"] / r["ms"]  # noqa: E731
+            print(f"{T:>6} {B:>4} | {s['tok_s']:>13,.1f} {s['ms']:>8.3f} {s['roofline_ms']:>8.3f} {pct(s):>4.0f} "
+                  f"{s['cache_mib']:>10.4g} | {t['tok_s']:>13,.1f} {t['ms']:>8.3f} {t['roofline_ms']:>8.3f} "
+                  f"{pct(t):>4.0f} {t['cache_mib']:>10.4g} | {s['tok_s'] / t['tok_s']:>7.2f}", flush=True)
+            results.append({"T": T, "B": B, "student": s, "teacher": t})
     return results
 
 
@@ -443,21 +513,31 @@ def train_main(a):
 
 def generate_main(a):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: no CUDA GPU is visible on this machine; use --device cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        student = load_checkpoint(a.ckpt).to(device, dtype).eval().requires_grad_(False)
-        student.init_buffers()
-        teacher, tok = teacher_lib.load_teacher(a.teacher, dtype=dtype, device=device)
-        if teacher.cfg.vocab_size != student.cfg.vocab_size:
-            raise ValueError(f"the teacher {tok.name} has {teacher.cfg.vocab_size} tokens, the student "
-                             f"{student.cfg.vocab_size}: pass the student's own teacher with --teacher")
-    except ValueError as e:   # ExportError, TeacherError: one line that says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return generate_table(student, teacher.requires_grad_(False), a.lengths, a.batches, a.tokens, device,
-                          a.prefill_chunk, a.seed)
+    if a.ckpt:
+        try:
+            student = load_checkpoint(a.ckpt).to(device, dtype)
+            teacher, tok = teacher_lib.load_teacher(a.teacher, dtype=dtype, device=device)
+            if teacher.cfg.vocab_size != student.cfg.vocab_size:
+                raise ValueError(f"the teacher {tok.name} has {teacher.cfg.vocab_size} tokens, the student "
+                                 f"{student.cfg.vocab_size}: pass the student's own teacher with --teacher")
+        except ValueError as e:   # ExportError, TeacherError: one line that says what to do
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    else:                         # random weights of a teacher shape, and its student
+        torch.manual_seed(a.seed)
+        with torch.device(device):
+            teacher = Teacher(MODEL_SHAPES[a.shape])
+        student = Student.from_teacher(teacher, a.variant).to(dtype)   # initialised in fp32
+        teacher = teacher.to(dtype)
+    student.init_buffers()
+    return generate_table(student.eval().requires_grad_(False), teacher.eval().requires_grad_(False), a.lengths,
+                          a.batches, a.tokens, device, a.prefill_chunk, a.seed, not a.no_prefill,
+                          False if a.eager else None, a.temperature)
 
 
 def parse_args(argv=None):
@@ -493,16 +573,23 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=0)
 
     g = sub.add_parser("generate", help="decode speed: a student's recurrent state against its teacher's KV cache")
-    g.add_argument("--ckpt", required=True, help="a Student.save or export.py folder")
-    g.add_argument("--teacher", default=None, help="the student's teacher (default: the embedded SmolLM2)")
-    g.add_argument("--lengths", type=_ints, default="512,4096,16384,65536", help="prompt lengths T")
-    g.add_argument("--batches", type=_ints, default="1,32", help="batch sizes B")
+    g.add_argument("--ckpt", default="", help="a Student.save or export.py folder (default: random weights of --shape)")
+    g.add_argument("--teacher", default=None, help="with --ckpt: its teacher (default: the embedded SmolLM2)")
+    g.add_argument("--shape", default="smol", choices=sorted(MODEL_SHAPES),
+                   help="without --ckpt: teacher shape (random weights) and its --variant student")
+    g.add_argument("--variant", default="rwkv7", choices=sorted(MIXERS), help="without --ckpt: the student's mixer")
+    g.add_argument("--lengths", type=_ints, default="512,4096,16384,65536", help="context lengths T")
+    g.add_argument("--batches", type=_ints, default="1,32,256", help="batch sizes B")
     g.add_argument("--tokens", type=positive(int), default=32, help="decode steps timed per row")
+    g.add_argument("--no-prefill", action="store_true",
+                   help="start at position T with a zero state / KV cache instead of reading a T-token prompt")
+    g.add_argument("--eager", action="store_true", help="no CUDA graph: every step launched from Python")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled on the device")
     g.add_argument("--device", default="auto", help="auto: cuda if available")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights (the state stays fp32)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     g.add_argument("--prefill-chunk", type=positive(int), default=2048, help="prompt tokens per parallel forward")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
     return p.parse_args(argv)
 
 

@@ -15,7 +15,9 @@ projections (q_proj → r, k_proj → k, v_proj → v, o_proj → o). The paper'
                   out = o_proj(y)                                           (paper App. A.3)
 
 Recurrences run in kernels.py ([K, V] state layout, fp32). One forward serves training (parallel,
-chunked) and generation (T = 1 with a carried State); forward(a + b) == forward(a), forward(b, state).
+chunked) and generation (T = 1 with a carried State); forward(a + b) == forward(a), forward(b, state),
+the State advanced in place (State's docstring). sample.py captures the one-token step in a CUDA graph
+through Student.blocks, with RoPE at a position read from a device tensor (Student.ctx).
 
 Read from the leaves to the root: TimeMix (what every mixer shares) → RWKV7TimeMix → RWKV6TimeMix →
 QLinAttTimeMix → MIXERS → Block → StudentConfig → State → Student.
@@ -31,6 +33,7 @@ across layers travels in Ctx. distill.py, sample.py and export.py pick the mixer
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -52,6 +55,27 @@ def lora_rank(C: int, e: float, m: float) -> int:
 def fp32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32: bf16/fp16/fp32 -> fp32; fp64 stays fp64 (the fp64 oracle tests)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def rope_at(inv_freq: torch.Tensor, pos: torch.Tensor):
+    """cos, sin (T, N) at the positions pos (T,), an integer tensor: the numbers of
+    teacher.rope_cos_sin, which takes the first position as a Python int. A tensor lets a captured
+    decode step read its position from a buffer."""
+    ang = torch.outer(pos.float(), inv_freq)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def save_atomic(tensors: dict, path, metadata=None):
+    """safetensors file written beside `path` and renamed onto it: a crash or kill while writing
+    leaves the previous file (or none), never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ortho_(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -308,14 +332,24 @@ class StudentConfig:
 @dataclass
 class State:
     """Recurrent state after `pos` tokens. layers[i]: the mixer's dict of fp32 tensors — S (B, H, N, N)
-    in kernels.py's [K, V] layout, RWKV6 also x (B, C), the last time-mix input. RoPE continues at pos."""
+    in kernels.py's [K, V] layout, RWKV6 also x (B, C), the last time-mix input. RoPE continues at pos.
+
+    Student.forward(idx, state) advances `state` in place, on every device, and returns it: afterwards
+    its tensors hold the state after idx and pos has grown by T. So forward(b, state) twice from one
+    State reads b twice (the second call continues from the first); copy() first to branch. Without
+    autograd the tensors themselves are overwritten, so their addresses never change (a captured decode
+    step reads them); while autograd records, each layer's dict is replaced by a new one instead, so
+    that the backward, and the recompute of a checkpointed block, still find the values they read."""
     layers: list[dict[str, torch.Tensor]]
     pos: int = 0
+
+    def copy(self) -> "State":
+        return State([{k: t.clone() for k, t in st.items()} for st in self.layers], self.pos)
 
     def save(self, path):
         tensors = {f"{i}.{k}": t.detach().contiguous().cpu()
                    for i, st in enumerate(self.layers) for k, t in st.items()}
-        save_file(tensors, str(path), metadata={"pos": str(self.pos), "n_layers": str(len(self.layers))})
+        save_atomic(tensors, path, metadata={"pos": str(self.pos), "n_layers": str(len(self.layers))})
 
     @classmethod
     def load(cls, path, device="cpu") -> "State":
@@ -397,26 +431,41 @@ class Student(nn.Module):
     def init_state(self, B: int, device=None, dtype=torch.float32) -> State:
         return State([blk.time_mix.init_state(B, device, dtype) for blk in self.layers], pos=0)
 
-    def ctx(self, T: int, pos: int = 0) -> Ctx:
+    def ctx(self, T: int, pos: int | torch.Tensor = 0) -> Ctx:
+        """RoPE at positions pos .. pos+T-1; pos an int, or a (1,) integer tensor on the model's device
+        (a captured decode step's position buffer)."""
         if not self.cfg.rope:
             return Ctx(None, None)
+        if isinstance(pos, torch.Tensor):
+            return Ctx(*rope_at(self.inv_freq.float(), pos + torch.arange(T, device=pos.device)))
         return Ctx(*rope_cos_sin(self.inv_freq.float(), T, offset=pos))
 
+    def blocks(self, h, state: State, ctx: Ctx):
+        """h (B, T, C) embedded tokens through every block from `state`, which is updated in place
+        (State's docstring; its pos is the caller's); returns h before the final norm."""
+        for i, (block, st) in enumerate(zip(self.layers, state.layers, strict=True)):
+            h, new = block(h, st, ctx)
+            if any(t.requires_grad for t in new.values()):
+                state.layers[i] = new    # the backward (and a checkpointed block's recompute) reads st
+                continue
+            for k, t in new.items():
+                if t is not st[k]:       # the Triton decode step has already written S in place
+                    st[k].copy_(t)
+        return h
+
     def hidden(self, idx, state: State | None = None):
-        """idx (B, T) -> (h (B, T, C) before the final norm, State after these tokens)."""
+        """idx (B, T) -> (h (B, T, C) before the final norm, State after these tokens): `state`
+        advanced in place, or a new State from zeros."""
         B, T = idx.shape
         h = self.embed_tokens(idx)
         if state is None:   # fp32 state (fp64 only when the whole model is fp64, for oracle tests)
             state = self.init_state(B, idx.device, fp32(h).dtype)
-        ctx = self.ctx(T, state.pos)
-        layers = []
-        for block, st in zip(self.layers, state.layers, strict=True):
-            h, st = block(h, st, ctx)
-            layers.append(st)
-        return h, State(layers, state.pos + T)
+        h = self.blocks(h, state, self.ctx(T, state.pos))
+        state.pos += T
+        return h, state
 
     def forward(self, idx, state: State | None = None):
-        """idx (B, T) -> (logits (B, T, V), State); continues from `state` when given."""
+        """idx (B, T) -> (logits (B, T, V), State); continues from `state` (advanced in place) when given."""
         h, state = self.hidden(idx, state)
         return self.lm_head(self.norm(h)), state
 
@@ -429,11 +478,14 @@ class Student(nn.Module):
                 for blk, x in zip(self.layers, xs, strict=True)]
 
     def save(self, path):
+        """config.json + model.safetensors in the folder `path`, each written whole or not at all."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        save_atomic({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                    out / "model.safetensors")
+        tmp = out / f".config.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        os.replace(tmp, out / "config.json")
 
     @classmethod
     def load(cls, path, device="cpu", dtype=None) -> "Student":
@@ -446,7 +498,12 @@ class Student(nn.Module):
         cfg = StudentConfig.from_dict(json.loads((src / "config.json").read_text()))
         with torch.device("meta"):
             model = cls(cfg)
-        model.load_state_dict(load_file(str(src / "model.safetensors"), device=str(device)), assign=True)
+        sd = load_file(str(src / "model.safetensors"), device=str(device))
+        for name, t in sd.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{src / 'model.safetensors'}: tensor {name} holds NaN or inf; the "
+                                 "training run diverged or the file is damaged: load an earlier checkpoint")
+        model.load_state_dict(sd, assign=True)
         if dtype is not None:
             model.to(dtype)
         model.init_buffers()

@@ -8,15 +8,17 @@
 Generation carries the student's State (model.py): the prompt runs once through the parallel
 (chunked) path, in pieces of --prefill-chunk tokens, then each new token is one recurrent step of
 O(1) time and memory whatever the context length (docs/method.md §3–§4; the paper's public code
-re-ran the whole prefix per token, docs/method.md §12). Tokens stream as they are made: the growing
-sequence is decoded and its new suffix printed, held back while it ends inside a multi-byte character.
+re-ran the whole prefix per token, docs/method.md §12). On a GPU that step, the student's and the
+teacher's, is captured once in a CUDA graph and replayed (the decoders below; docs/kernels.md §6);
+sampling stays on the GPU. Tokens stream as they are made: the growing sequence is decoded and its
+new suffix printed, held back while it ends inside a multi-byte character.
 
 --ckpt: a Student.save folder or an export.py folder (read without transformers). Tokenizer:
 --tokenizer PATH (a teacher path), else the checkpoint folder's own tokenizer.json (export.py
 folders have one; Student.save folders do not), else --teacher PATH's, else the embedded default
 teacher's (teacher.load_tokenizer()); its vocabulary must fit the student's.
 --teacher PATH or --compare (default teacher) also prints the teacher's answer for the same prompt
-and seed, made with the KV-cache loop below (TeacherDecoder, over teacher.py's modules).
+and seed, made with the KV-cache decoder below (TeacherDecoder, over teacher.py's modules).
 --state-out saves the state after everything this run read and wrote (with --chat, the reply is
 closed with the template's end-of-turn text); --state-in continues from it, so a long document read
 once can be queried many times (with --chat the prompt becomes the next user turn).
@@ -25,16 +27,18 @@ Sampling: --temperature 0 (default) is greedy; otherwise softmax(logits / T) res
 Decode speed, student against teacher: `python bench.py generate --ckpt out/rwkv7-init`
 """
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import teacher as teacher_lib
 from export import ExportError, load_checkpoint, load_tok
-from model import State, Student
+from model import State, Student, fp32, rope_at
 from teacher import apply_rope, rope_cos_sin
 
 
@@ -60,16 +64,73 @@ class SampleConfig:
 
 
 # ---------------------------------------------------------------- decoders: tokens in, logits out
+# A decoder is called with ids (B, T) and returns logits (B, T, V), continuing its sequence. Several
+# tokens (the prompt) run eagerly: the student's chunked kernels, the teacher's attention over the
+# cache so far. One token (decoding) runs `step`, a function of fixed shapes that reads the token and
+# its position from static buffers; on CUDA it is captured once in a CUDA graph and replayed, so that
+# a step costs the GPU's time for its kernels instead of thousands of launches from Python
+# (docs/kernels.md §6). graph=None picks that on CUDA; graph=True on a CPU runs the same step
+# eagerly (what the tests compare); graph=False always runs the eager path.
+
+class StaticStep:
+    """fn() over static buffers. On CUDA the first call runs fn on a side stream (Triton compiles and
+    cuBLAS initialises there, outside the capture), then captures it in a CUDA graph; later calls
+    replay the graph and return its output tensor, which the next replay overwrites. Elsewhere every
+    call runs fn."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.cuda, self.graph, self.out = fn, device.type == "cuda", None, None
+
+    def __call__(self) -> torch.Tensor:
+        if not self.cuda:
+            return self.fn()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                first = self.fn()                     # this step, run for real
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):        # recorded, not run: the state stays as it is
+                self.out = self.fn()
+            return first
+        self.graph.replay()
+        return self.out
+
 
 class StudentDecoder:
-    """The student with its carried State: each call continues the sequence."""
+    """The student with its carried State (model.State), advanced in place by every call. The captured
+    step reads and writes the tensors of this State: replacing self.state makes the next step capture
+    again."""
 
-    def __init__(self, model: Student, state: State | None = None):
+    def __init__(self, model: Student, state: State | None = None, graph: bool | None = None):
         self.model, self.state = model, state
+        device = model.embed_tokens.weight.device
+        self.graph = device.type == "cuda" if graph is None else graph
+        self._step, self._for = None, None             # the captured step and the State it reads
 
+    @torch.no_grad()
     def __call__(self, idx):                                        # (B, T) -> (B, T, V)
-        logits, self.state = self.model(idx, self.state)
+        if idx.shape[1] > 1 or not self.graph:
+            logits, self.state = self.model(idx, self.state)
+            return logits
+        if self.state is None:
+            self.state = self.model.init_state(idx.shape[0], idx.device, fp32(self.model.embed_tokens.weight).dtype)
+        if self._for is not self.state:
+            self.idx, self.pos = idx.clone(), torch.zeros(1, dtype=torch.long, device=idx.device)
+            self._step, self._for = StaticStep(self.step, idx.device), self.state
+        self.idx.copy_(idx)
+        self.pos.fill_(self.state.pos)
+        logits = self._step().clone()
+        self.state.pos += 1
         return logits
+
+    def step(self):
+        """One token for every row: self.idx (B, 1) at position self.pos (1,) -> logits (B, 1, V);
+        the State's tensors updated in place (Student.blocks), RoPE at the buffer's position."""
+        m = self.model
+        h = m.blocks(m.embed_tokens(self.idx), self.state, m.ctx(1, self.pos))
+        return m.lm_head(m.norm(h))
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for st in self.state.layers for t in st.values())
@@ -77,21 +138,26 @@ class StudentDecoder:
 
 class TeacherDecoder:
     """The teacher with a KV cache: teacher.py's modules, run one block at a time so that each
-    attention reads the cached keys/values of all earlier positions. Per layer k, v: (B, Hkv, Tmax, N),
-    preallocated; RoPE positions continue from `pos`."""
+    attention reads the cached keys/values of all earlier positions. Per layer k, v: (B, Hkv, max_len,
+    N), preallocated; RoPE positions continue from `pos`. The one-token step attends over the whole
+    cache with the positions after `pos` masked out, so its shapes never change."""
 
-    def __init__(self, model: teacher_lib.Teacher, B: int, max_len: int):
+    def __init__(self, model: teacher_lib.Teacher, B: int, max_len: int, graph: bool | None = None):
         c, w = model.cfg, model.embed_tokens.weight
         shape = (B, c.n_kv_heads, max_len, c.head_dim)
         self.model, self.pos = model, 0
-        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
-        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.graph = w.device.type == "cuda" if graph is None else graph
+        self._step = None
+
+    def check_room(self, T: int):
+        if self.pos + T > self.k[0].shape[2]:
+            raise ValueError(f"KV cache holds {self.k[0].shape[2]} tokens; {self.pos + T} needed (raise max_len)")
 
     def attention(self, i: int, attn, x, cos, sin):
         B, T, _ = x.shape
         p = self.pos
-        if p + T > self.k[i].shape[2]:
-            raise ValueError(f"KV cache holds {self.k[i].shape[2]} tokens; {p + T} needed (raise max_len)")
         q, k, v = attn.project(x, x, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.k[i][:, :, p:p + T] = k.transpose(1, 2)
@@ -103,7 +169,18 @@ class TeacherDecoder:
                                            enable_gqa=attn.H != attn.Hkv)
         return attn.o_proj(y.transpose(1, 2).reshape(B, T, attn.H * attn.N))
 
+    @torch.no_grad()
     def __call__(self, idx):                                        # (B, T) -> (B, T, V)
+        self.check_room(idx.shape[1])
+        if idx.shape[1] == 1 and self.graph:
+            if self._step is None:
+                self.idx, self.at = idx.clone(), torch.zeros(1, dtype=torch.long, device=idx.device)
+                self._step = StaticStep(self.step, idx.device)
+            self.idx.copy_(idx)
+            self.at.fill_(self.pos)
+            logits = self._step().clone()
+            self.pos += 1
+            return logits
         t = self.model
         cos, sin = rope_cos_sin(t.inv_freq, idx.shape[1], offset=self.pos)
         h = t.embed_tokens(idx)
@@ -113,6 +190,31 @@ class TeacherDecoder:
         self.pos += idx.shape[1]
         return t.lm_head(t.norm(h))
 
+    def step(self):
+        """One token for every row: self.idx (B, 1) at position self.at (1,) -> logits (B, 1, V); its
+        keys and values written into the cache at that position."""
+        t = self.model
+        cos, sin = rope_at(t.inv_freq, self.at)
+        live = (torch.arange(self.k[0].shape[2], device=self.at.device) <= self.at).view(1, 1, 1, -1)
+        h = t.embed_tokens(self.idx)
+        for i, block in enumerate(t.layers):
+            h = h + self.attend(i, block.self_attn, block.input_layernorm(h), cos, sin, live)
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        return t.lm_head(t.norm(h))
+
+    def attend(self, i: int, attn, x, cos, sin, live):
+        """Attention of one token over the whole cache, keys after self.at masked out (live). The
+        G = H/Hkv query heads that read one kv head (head h reads h // G) attend as G query rows of
+        that head, so K and V are read once, never repeated."""
+        B = x.shape[0]
+        q, k, v = attn.project(x, x, x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.k[i].index_copy_(2, self.at, k.transpose(1, 2))
+        self.v[i].index_copy_(2, self.at, v.transpose(1, 2))
+        q = q.view(B, attn.Hkv, attn.H // attn.Hkv, attn.N)
+        y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=live)   # (B, Hkv, G, N)
+        return attn.o_proj(y.reshape(B, 1, attn.H * attn.N))
+
     def cache_bytes(self) -> int:             # the part in use
         return sum(2 * c[:, :, :self.pos].numel() * c.element_size() for c in self.k)
 
@@ -120,7 +222,8 @@ class TeacherDecoder:
 # ---------------------------------------------------------------- sampling and the generation loop
 
 def pick(logits, cfg: SampleConfig, gen: torch.Generator | None):
-    """logits (B, V) -> next ids (B,): greedy at temperature 0, else top-k / top-p sampling."""
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else top-k / top-p sampling, on the
+    logits' device (gen: a generator of that device), with no copy to the host."""
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
@@ -132,7 +235,7 @@ def pick(logits, cfg: SampleConfig, gen: torch.Generator | None):
         drop = probs.cumsum(-1) - probs >= cfg.top_p          # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)          # on the logits' device
 
 
 @torch.no_grad()
@@ -147,8 +250,11 @@ def prefill(decoder, idx, chunk: int):
 def generate(decoder, prompt, cfg: SampleConfig, eos_id=None, on_token=None):
     """Continue `prompt` (B, T) for up to cfg.max_new_tokens. Returns (new ids (B, n), unfed (B, 0..1)):
     the last id made but not yet fed to the decoder (an EOS, or the last new token). Stops once every
-    row has made eos_id; the EOS is not among the new ids. on_token(id) streams row 0."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    row has made eos_id; the EOS is not among the new ids. on_token(id) streams row 0.
+    The tokens stay on the decoder's device: the host waits for one only to stream it (on_token) or
+    to see whether every row has ended (eos_id). Draws come from a generator on that device seeded
+    with cfg.seed, so a seed's samples differ between a CPU and a GPU."""
+    gen = torch.Generator(prompt.device).manual_seed(cfg.seed)
     logits = prefill(decoder, prompt, cfg.prefill_chunk)
     out, done = [], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(cfg.max_new_tokens):
@@ -237,11 +343,47 @@ def load_state(path, student: Student, device) -> State:
 
 # ---------------------------------------------------------------- main
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check(cfg: SampleConfig) -> torch.device:
+    """One-line errors for bad settings, before anything is loaded; returns the device to run on."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype}: use one of {sorted(DTYPES)}")
+    if cfg.temperature < 0:
+        raise ValueError(f"--temperature {cfg.temperature} is negative: use 0 for greedy or a positive value")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top-p {cfg.top_p} is outside (0, 1]: use 1 for no nucleus cut")
+    if cfg.top_k < 0:
+        raise ValueError(f"--top-k {cfg.top_k} is negative: use 0 for no top-k cut")
+    if cfg.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} is negative: use 0 to only read the prompt")
+    if cfg.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk {cfg.prefill_chunk} must be at least 1")
+    if cfg.state_out:
+        out = Path(cfg.state_out)
+        folder = out.parent.resolve()
+        if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"--state-out {cfg.state_out}: cannot write a file there (a folder, or its folder "
+                             "is missing or read-only); pass a writable file path")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise ValueError(f"--device {cfg.device} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device}: sample.py runs on cpu or cuda")
+    return device
+
+
 def run(cfg: SampleConfig):
     """Generate from the student (and the teacher with --teacher/--compare), stream the text, save the
     state with --state-out. Returns {"student": new ids, "teacher": new ids (when compared)}."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    device = check(cfg)
+    dtype = DTYPES[cfg.dtype]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     student = load_checkpoint(cfg.ckpt).to(device, dtype).eval().requires_grad_(False)

@@ -985,6 +985,23 @@ def test_split_forward_and_token_loop_equal_parallel(variant):
             assert rel_err(a[k], b[k]) < 1e-12, k
 
 
+@pytest.mark.parametrize("variant", sorted(MIXERS))
+def test_static_decode_step_equals_parallel(variant):
+    """sample.py's one-token step over static buffers (what a CUDA graph captures and replays; run
+    eagerly here), token by token from an empty state == the parallel forward: logits and every
+    state tensor, fp64."""
+    s = fp64_student(variant, "qwen2")
+    idx = torch.randint(0, s.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full, st_full = s(idx)
+        dec = sample.StudentDecoder(s, graph=True)
+        steps = torch.cat([dec(idx[:, t:t + 1]) for t in range(idx.shape[1])], 1)
+    assert rel_err(steps, full) < 1e-12 and dec.state.pos == 11
+    for a, b in zip(dec.state.layers, st_full.layers):
+        for k in a:
+            assert rel_err(a[k], b[k]) < 1e-12, k
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
 def test_default_student_greedy_recurrent_equals_parallel(default_teacher, default_students, variant):

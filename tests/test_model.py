@@ -1,6 +1,7 @@
 """model.py's students as objects: LoRA ranks and config errors, parameter counts against
-docs/method.md §2-§4, meta-device build, save/load, dtypes, what from_teacher copies and how it
-initialises the new parameters (on the embedded SmolLM2 teacher), and `python model.py`.
+docs/method.md §2-§4, meta-device build, save/load (atomic; non-finite weights refused), dtypes,
+the State advanced in place, what from_teacher copies and how it initialises the new parameters (on
+the embedded SmolLM2 teacher), and `python model.py`.
 (The layers' and the whole model's numbers: test_equivalence.py §3-§4.)
 
     python -m pytest -x -q tests/test_model.py
@@ -107,6 +108,58 @@ def test_save_load_roundtrip_and_errors(tmp_path):
         Student.load(tmp_path / "nothing")
     (tmp_path / "st" / "config.json").write_text('{"variant": "rwkv9"}')
     with pytest.raises(ValueError, match="unknown student variant"):
+        Student.load(tmp_path / "st")
+
+
+# ---------------------------------------------------------------- state semantics, atomic save, finite load
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
+def test_forward_advances_the_state_in_place(variant):
+    """model.State's semantics, on CPU as on CUDA: forward(b, state) continues `state` and returns it,
+    so two calls from one State read a then b (== forward(a + b)); State.copy() branches. Without
+    autograd the tensors are overwritten (same addresses); with autograd the layers' dicts are replaced
+    and the backward through the first call still works."""
+    s = fp64_student(variant, "llama")
+    idx = torch.randint(0, s.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    full, _ = s(idx)
+    with torch.no_grad():
+        st = s.init_state(2, dtype=torch.float64)
+        ptrs = [t.data_ptr() for d in st.layers for t in d.values()]
+        _, out = s(idx[:, :4], st)
+        branch = st.copy()
+        lb, _ = s(idx[:, 4:], st)
+        lb2, _ = s(idx[:, 4:], branch)
+    assert out is st and st.pos == 10 and branch.pos == 10
+    assert [t.data_ptr() for d in st.layers for t in d.values()] == ptrs
+    assert torch.equal(lb, lb2) and torch.allclose(lb, full[:, 4:], rtol=0, atol=1e-12)
+    st = s.init_state(2, dtype=torch.float64)
+    la, _ = s(idx[:, :4], st)
+    lb, _ = s(idx[:, 4:], st)                         # replaces the dicts la's graph read
+    (la.sum() + lb.sum()).backward()
+    assert st.pos == 10 and s.lm_head.weight.grad is not None
+
+
+def test_save_is_atomic_and_load_rejects_non_finite(tmp_path, monkeypatch):
+    """A save that dies while writing leaves the previous model.safetensors whole and no temporary
+    file; a checkpoint holding a NaN fails to load with one line naming the tensor."""
+    import model as model_lib
+    s = fp64_student("rwkv7", "llama")
+    s.save(tmp_path / "st")
+    before = (tmp_path / "st" / "model.safetensors").read_bytes()
+
+    def dies(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model_lib, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        s.save(tmp_path / "st")
+    monkeypatch.undo()
+    assert (tmp_path / "st" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        s.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    s.save(tmp_path / "st")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight holds NaN or inf"):
         Student.load(tmp_path / "st")
 
 

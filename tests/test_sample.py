@@ -1,6 +1,7 @@
 """Tests of sample.py: the recurrent decode loop against the parallel forward, saved states, the
-teacher's KV cache against its cache-free forward, streaming, sampling, chat turns. (Its decode
-speed: bench.py generate, tests/test_bench.py.)
+teacher's KV cache against its cache-free forward, the static-buffer step a CUDA graph replays
+against the eager path, streaming, sampling, chat turns, CLI errors. (Its decode speed: bench.py
+generate, tests/test_bench.py.)
 
 References are independent of the code under test: Student.forward on the whole sequence (chunked
 kernel path) for the one-token loop (naive step path), Teacher.forward without cache (and
@@ -126,6 +127,79 @@ def test_teacher_cache_overflow_is_a_clear_error():
         dec(torch.zeros(1, 5, dtype=torch.long))
 
 
+# ---------------------------------------------------------------- the static-buffer step (CUDA graphs)
+# On CUDA the one-token step is captured in a CUDA graph. What the graph replays is `step`, a
+# function of static buffers (token, position, the State's own tensors); graph=True on a CPU runs
+# that same function eagerly, so its logic is tested here against the eager path.
+
+def test_static_step_equals_eager_path(student):
+    """Prompt of 6, then 8 one-token steps: the static-buffer step gives bit-identical logits and
+    states to the eager forward (same arithmetic, RoPE from a position tensor), and never moves the
+    State's tensors (the addresses a captured graph reads)."""
+    idx = torch.randint(0, student.cfg.vocab_size, (3, 14), generator=torch.Generator().manual_seed(6))
+    eager, static = StudentDecoder(student, graph=False), StudentDecoder(student, graph=True)
+    got = [(eager(idx[:, :6]), static(idx[:, :6]))]
+    ptrs = [t.data_ptr() for st in static.state.layers for t in st.values()]
+    got += [(eager(idx[:, t:t + 1]), static(idx[:, t:t + 1])) for t in range(6, 14)]
+    assert all(torch.equal(a, b) for a, b in got)
+    assert eager.state.pos == static.state.pos == 14
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(eager.state.layers, static.state.layers) for k in a)
+    assert [t.data_ptr() for st in static.state.layers for t in st.values()] == ptrs
+
+
+def test_static_step_greedy_from_an_empty_state(student):
+    """No prompt pass: every token through the static step from position 0 == the parallel forward."""
+    idx = torch.randint(0, student.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(7))
+    dec = StudentDecoder(student, graph=True)
+    steps = torch.cat([dec(idx[:, t:t + 1]) for t in range(9)], 1)
+    with torch.no_grad():
+        assert rel_err(steps, student(idx)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_teacher_static_step_equals_eager_path(arch):
+    """The teacher's static step (one query against the whole fixed-size cache, later positions
+    masked; GQA heads as query rows) against its eager step (the cache sliced to the positions
+    written): logits within 1e-5, the same greedy tokens, from a prompt and from position 0."""
+    t = tiny_teacher(arch, seed=8)
+    idx = torch.randint(0, t.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(8))
+    eager, static = TeacherDecoder(t, 2, 24, graph=False), TeacherDecoder(t, 2, 24, graph=True)
+    a = torch.cat([eager(idx[:, :5])] + [eager(idx[:, s:s + 1]) for s in range(5, 20)], 1)
+    b = torch.cat([static(idx[:, :5])] + [static(idx[:, s:s + 1]) for s in range(5, 20)], 1)
+    assert rel_err(b, a) < 1e-5
+    with torch.no_grad():
+        ref = t(idx)
+    fresh = TeacherDecoder(t, 2, 24, graph=True)
+    assert rel_err(torch.cat([fresh(idx[:, s:s + 1]) for s in range(20)], 1), ref) < 1e-5
+    cfg = SampleConfig(max_new_tokens=10)
+    new_e, _ = sample.generate(TeacherDecoder(t, 2, 24, graph=False), idx[:, :8], cfg)
+    new_s, _ = sample.generate(TeacherDecoder(t, 2, 24, graph=True), idx[:, :8], cfg)
+    assert torch.equal(new_e, new_s)
+    for _ in range(4):                                        # positions 20 .. 23 fill the cache
+        fresh(idx[:, :1])
+    with pytest.raises(ValueError, match="KV cache holds 24"):
+        fresh(idx[:, :1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6"])
+def test_cuda_graphed_decoding_equals_eager(variant):
+    """On a GPU, student and teacher: the graphed decoders' greedy tokens == the eager decoders'
+    (after a 12-token prompt, 16 new tokens, fp32); the student's logits bit for bit."""
+    t = tiny_teacher(seed=9).cuda()
+    s = perturbed(Student.from_teacher(tiny_teacher(seed=9), variant)).eval().cuda()
+    s.init_buffers()
+    ids = torch.randint(0, t.cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(9)).cuda()
+    cfg = SampleConfig(max_new_tokens=16)
+    for make in (lambda g: StudentDecoder(s, graph=g), lambda g: TeacherDecoder(t, 3, 30, graph=g)):
+        a, _ = sample.generate(make(False), ids, cfg)
+        b, _ = sample.generate(make(True), ids, cfg)
+        assert torch.equal(a, b)
+    eager, graphed = StudentDecoder(s, graph=False), StudentDecoder(s, graph=True)
+    for t_ in range(12):
+        assert torch.equal(eager(ids[:, t_:t_ + 1]), graphed(ids[:, t_:t_ + 1]))
+
+
 # ---------------------------------------------------------------- sampling, streaming, chat turns
 
 def test_pick_greedy_topk_topp_and_seed():
@@ -221,3 +295,20 @@ def test_cli_compare_and_errors(ckpt, tiny_hf_llama, tmp_path, capsys):
         sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--state-in", str(tmp_path / "missing.state")])
     assert e.value.code == 2
     assert "--state-in" in capsys.readouterr().err
+
+
+BAD_SETTINGS = [("--dtype", "foo", "--dtype foo"), ("--temperature", "-1", "--temperature -1"),
+                ("--top-p", "0", "--top-p 0"), ("--top-p", "1.5", "--top-p 1.5"),
+                ("--max-new-tokens", "-1", "--max-new-tokens -1"), ("--device", "foo", "--device foo"),
+                ("--state-out", "{tmp}/missing/x.state", "--state-out"), ("--state-out", "{tmp}", "--state-out")]
+if not torch.cuda.is_available():
+    BAD_SETTINGS.append(("--device", "cuda", "no CUDA GPU"))
+
+
+@pytest.mark.parametrize("flag, value, words", BAD_SETTINGS)
+def test_cli_bad_settings_fail_before_loading(flag, value, words, tmp_path, capsys):
+    """One line naming the flag, exit 2, before the (missing) checkpoint is even looked at."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--prompt", "x", flag, value.format(tmp=tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and words in err and len(err.splitlines()) == 1, err
