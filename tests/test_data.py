@@ -1,11 +1,13 @@
 """Tests of data.py: tokenisation against `tokenizers` directly, a Megatron bin/idx file written
-byte by byte here, batch determinism over world sizes, exact resume, epochs without repeats,
-and every bad input (one-line DataError; the CLI exits 2).
+byte by byte here, held-out documents that no train window reaches in any input format, batch
+determinism over world sizes, exact resume, epochs without repeats, a failed run that leaves the
+previous folder as it was, and every bad input (one-line DataError; the CLI exits 2).
 
     python -m pytest -x -q tests/test_data.py
 """
 import hashlib
 import json
+import shutil
 import struct
 from types import SimpleNamespace
 
@@ -128,11 +130,12 @@ def write_mmididx(prefix, seqs, doc_idx, code, fmt):
 @pytest.mark.parametrize("code,fmt", [(8, "H"), (4, "i"), (5, "q")])
 def test_mmididx_reader(tmp_path, code, fmt):
     seqs = [[5, 6, 7, 0], [1, 2, 0], [60000 if fmt == "H" else 70000, 3, 0], [9, 0]]
-    write_mmididx(tmp_path / "dclm", seqs, [0, 2, 3, 4], code, fmt)
+    write_mmididx(tmp_path / "dclm", seqs, [0, 2, 3, 4], code, fmt)   # documents: seqs 0-1, 2, 3
     flat = [t for s in seqs for t in s]
     for path in (tmp_path / "dclm", tmp_path / "dclm.bin", tmp_path / "dclm.idx"):
-        d = TokenData(path)
-        assert d.tokens.tolist() == flat and d.meta["documents"] == 3 and d.meta["sequences"] == 4
+        d = TokenData(path)   # the last document (2 of 12 tokens >= 5%) is held out
+        assert d.tokens.tolist() == flat[:10] and TokenData(path, "val").tokens.tolist() == [9, 0]
+        assert d.meta["documents"] == 3 and d.meta["sequences"] == 4
     x, y = Batches(d, ctx=4, batch_size=2).get(0)
     assert x.dtype == torch.int64 and x.shape == (2, 4) and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(DataError, match="outside the vocabulary"):
@@ -156,15 +159,74 @@ def test_mmididx_directory_splits_and_bad_files(tmp_path):
     (tmp_path / "short.bin").write_bytes(bytes(2))
     with pytest.raises(DataError, match="shorter than its index"):
         TokenData(tmp_path / "short")
+    write_mmididx(tmp_path / "unordered", [[1, 2], [3, 0]], [0, 2, 1], 8, "H")
+    with pytest.raises(DataError, match="document index is not 0 .. 2 in order"):
+        TokenData(tmp_path / "unordered")
+    write_mmididx(tmp_path / "one", [[1, 2], [3, 0]], [0, 2], 8, "H")      # two sequences, one document
+    with pytest.raises(DataError, match="one holds a single document, so none can be held out"):
+        TokenData(tmp_path / "one", "val")
+    (tmp_path / "val.idx").unlink()
+    with pytest.raises(DataError, match="holds train.bin/.idx but no val.bin/.idx"):
+        TokenData(tmp_path, "val")
+
+
+@pytest.mark.parametrize("starts,n,cut", [
+    ([0, 10, 20, 30], 40, 30),     # 5% of 40 tokens: the last document (10 tokens) is enough
+    ([0, 50, 90, 99], 100, 90),    # the last one (1 token) is not: the last two
+    ([0, 95], 100, 95),            # exactly 5%
+    ([0, 97], 100, 97),            # the first document holds more than 95%: the rest, whole
+])
+def test_held_out_start_takes_whole_documents_from_the_end(starts, n, cut):
+    assert data.held_out_start(np.array(starts), n, 0.05) == cut
+
+
+# ---------------------------------------------------------------- held-out data is never trained on
+
+def windows(tokens, ctx) -> set:
+    """Every window of ctx+1 tokens, at every start (a superset of what Batches and eval_windows read)."""
+    t = np.ascontiguousarray(np.asarray(tokens, np.int64))
+    return {w.tobytes() for w in np.lib.stride_tricks.sliding_window_view(t, ctx + 1)}
+
+
+def documents(tokens, eos) -> list[bytes]:
+    """A split cut after each EOS, one int64 byte string per document."""
+    t = np.asarray(tokens, np.int64)
+    return [d.tobytes() for d in np.split(t, np.flatnonzero(t == eos)[:-1] + 1)]
+
+
+def test_train_and_val_never_share_a_window(tmp_path, tok):
+    """Every input format: a data.py folder, a merged one and a Megatron prefix spelled three ways.
+    No window of the val split appears anywhere in the train split, and the two splits hold every
+    document exactly once. The documents are random words, so a shared window means a shared document."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join("".join(rng.choice(list("abcdefghij"), rng.integers(2, 7))) for _ in range(rng.integers(20, 40)))
+             for _ in range(12)]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    ids = reference_ids(tok, texts)
+    prepare([tmp_path / f"{i}.txt" for i in range(8)], tok, tmp_path / "folder", 0.3, progress=False)
+    prepare([tmp_path / f"{i}.txt" for i in range(8, 12)], tok, tmp_path / "other", 0.3, progress=False)
+    data.merge([tmp_path / "folder", tmp_path / "other"], tmp_path / "merged")
+    write_mmididx(tmp_path / "dclm", ids, list(range(len(ids) + 1)), 8, "H")
+    cases = {"folder": ids[:8], "merged": ids, "dclm": ids, "dclm.bin": ids, "dclm.idx": ids}
+    ctx = 6
+    for name, docs in cases.items():
+        train, val = TokenData(tmp_path / name), TokenData(tmp_path / name, "val")
+        assert len(train) and len(val), name
+        assert not windows(train.tokens, ctx) & windows(val.tokens, ctx), name
+        got = documents(train.tokens, tok.eos_id) + documents(val.tokens, tok.eos_id)
+        assert sorted(got) == sorted(np.array(d, np.int64).tobytes() for d in docs), name
+        everything = np.concatenate([train.tokens, val.tokens])   # val read from all the tokens: caught
+        assert windows(train.tokens, ctx) & windows(everything, ctx), name
 
 
 # ---------------------------------------------------------------- batches
 
 @pytest.fixture
 def ramp(tmp_path):
-    """Token i = i, so a window's first token is its start."""
-    write_mmididx(tmp_path / "ramp", [list(range(1003))], [0, 1], 4, "i")
-    return TokenData(tmp_path / "ramp")
+    """Token i = i, so a window's first token is its start (a Megatron folder's train split)."""
+    write_mmididx(tmp_path / "train", [list(range(1003))], [0, 1], 4, "i")
+    return TokenData(tmp_path, "train")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -250,10 +312,16 @@ def test_bad_inputs_cli(tmp_path, capsys):
                 prepare(list_files([tmp_path / name]), make_tok(), tmp_path / "out", progress=False)
         else:
             assert msg in run_cli(["--input", str(tmp_path / name)] + out, capsys)
-    assert not (tmp_path / "out" / "all.tmp").exists()  # no partial temp file left behind
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))  # no partial folder left behind
+    (tmp_path / "a.txt").write_text(CORPUS[0])
+    for bad_out, msg in [(tmp_path / "a.txt", "a.txt is a file; pass a folder path"),
+                         (tmp_path / "a.txt" / "sub", "a.txt is a file, not a folder")]:
+        assert msg in run_cli(["--input", str(tmp_path / "a.txt"), "--out", str(bad_out)], capsys)
+        assert msg in run_cli(["--merge", str(tmp_path / "x"), "--out", str(bad_out)], capsys)
     with pytest.raises(SystemExit) as e:
         data.main(["--input", str(tmp_path / "a.txt")])  # --out missing: argparse error
     assert e.value.code == 2
+    assert list_files([tmp_path / "a.txt", tmp_path / "." / "a.txt"]) == [tmp_path / "a.txt"]   # read once
 
 
 def test_bad_tokenizer_and_sizes(tmp_path, tok):
@@ -280,15 +348,47 @@ def test_bad_tokenizer_and_sizes(tmp_path, tok):
         Batches(d, ctx=4, batch_size=4).get(0, rank=0, world_size=3)
     with pytest.raises(DataError, match="holds no token files"):
         TokenData(tmp_path / "nothing")
-    with pytest.raises(DataError):  # a failed run into the same directory ...
-        prepare([tmp_path / "a.txt"], SimpleNamespace(**{**vars(tok), "vocab_size": 50}), tmp_path / "o", 0, progress=False)
-    with pytest.raises(DataError, match="holds no token files"):  # ... leaves no stale meta.json
-        TokenData(tmp_path / "o")
-    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tok, tmp_path / "o", 0.2, progress=False)
     with open(tmp_path / "o" / "train.bin", "ab") as f:
         f.write(b"\x00\x00")
     with pytest.raises(DataError, match="re-run python data.py"):
         TokenData(tmp_path / "o")
+    for meta in (b"\xff\xfe not UTF-8", b"{not json", b'{"splits": {}}'):
+        (tmp_path / "o" / "meta.json").write_bytes(meta)
+        with pytest.raises(DataError, match="meta.json is damaged or has no train split"):
+            TokenData(tmp_path / "o")
+
+
+def test_a_failed_run_leaves_the_previous_folder(tmp_path, tok, tiny_hf_llama, monkeypatch, capsys):
+    """Runs into a good token folder that fail while tokenising, while writing the splits (a kill
+    there is a KeyboardInterrupt) or while merging: the folder is loadable and byte for byte as it
+    was, and no staging folder is left beside it."""
+    for i, text in enumerate(CORPUS):
+        (tmp_path / f"{i}.txt").write_text(text * 3, encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    prepare([tmp_path / "0.txt", tmp_path / "1.txt"], tok, tmp_path / "o", 0.3, progress=False)
+    prepare([tmp_path / "2.txt"], tok, tmp_path / "p", 0, progress=False)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    small = SimpleNamespace(**{**vars(tok), "vocab_size": 50})
+    cases = [("bad input", lambda: data.main(["--input", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o"),
+                                              "--teacher", str(tiny_hf_llama)])),
+             ("bad tokenizer", lambda: prepare([tmp_path / "2.txt"], small, tmp_path / "o", 0, progress=False)),
+             ("killed while writing", lambda: (monkeypatch.setattr(data, "_copy_docs", killed),
+                                               prepare([tmp_path / "2.txt"], tok, tmp_path / "o", 0, progress=False))),
+             ("killed while merging", lambda: (monkeypatch.setattr(shutil, "copyfileobj", killed),
+                                               data.merge([tmp_path / "p"], tmp_path / "o")))]
+    for name, run in cases:
+        with pytest.raises((SystemExit, DataError, KeyboardInterrupt)):
+            run()
+        monkeypatch.undo()
+        assert {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()} == before, name
+        assert len(TokenData(tmp_path / "o", "val")) and not list(tmp_path.glob(".*")), name
+    assert "bad.jsonl:2 is not a JSON object" in capsys.readouterr().err
+    data.merge([tmp_path / "p"], tmp_path / "o")   # a run that succeeds replaces the files
+    assert np.array_equal(TokenData(tmp_path / "o").tokens, TokenData(tmp_path / "p").tokens)
 
 
 # ---------------------------------------------------------------- default corpus, real tokenizer
@@ -465,6 +565,9 @@ def test_generate_cli(tmp_path, tiny_hf_llama, capsys):
              (["--generate", "1000", "--doc-len", "5", "--teacher", str(tmp_path / "nope")], "does not exist")]
     for args, msg in cases:
         assert msg in run_cli(args + out, capsys), args
+    # --out is checked before the teacher loads (here: before a missing teacher is noticed)
+    assert "is a file" in run_cli(["--generate", "1000", "--doc-len", "5", "--teacher", str(tmp_path / "nope"),
+                                   "--out", str(tmp_path / "g" / "meta.json")], capsys)
     with pytest.raises(SystemExit) as e:
         data.main(["--generate", "1000"])   # --out missing: argparse error
     assert e.value.code == 2
@@ -475,8 +578,9 @@ def test_merge(tmp_path, tok, tiny_hf_llama, capsys):
     for i, text in enumerate(CORPUS):
         (tmp_path / f"{i}.txt").write_text(text * 3, encoding="utf-8")
     files = [tmp_path / f"{i}.txt" for i in range(3)]
-    a = prepare(files, tok, tmp_path / "A", 0.3, seed=1, progress=False)
-    b = prepare(files[:2], tok, tmp_path / "B", 0.4, seed=2, progress=False)
+    (tmp_path / "3.txt").write_text(CORPUS[0][::-1] * 3, encoding="utf-8")
+    a = prepare(files[:2], tok, tmp_path / "A", 0.3, seed=1, progress=False)
+    b = prepare([files[2], tmp_path / "3.txt"], tok, tmp_path / "B", 0.4, seed=2, progress=False)
     m = data.merge([tmp_path / "A", tmp_path / "B"], tmp_path / "M")
     for split in ("train", "val"):
         want = np.concatenate([TokenData(tmp_path / "A", split).tokens, TokenData(tmp_path / "B", split).tokens])
@@ -497,13 +601,19 @@ def test_merge(tmp_path, tok, tiny_hf_llama, capsys):
     assert len(TokenData(tmp_path / "both")) == len(TokenData(tmp_path / "text")) + len(TokenData(tmp_path / "gen"))
     with pytest.raises(DataError, match=f"{tmp_path / 'A'} .* and {tmp_path / 'gen'} .*different tokenizers"):
         data.merge([tmp_path / "A", tmp_path / "gen"], tmp_path / "X")
-    prepare(files, SimpleNamespace(**{**vars(tok), "vocab_size": 1 << 17}), tmp_path / "wide", 0.3, progress=False)
+    wide = SimpleNamespace(**{**vars(tok), "vocab_size": 1 << 17})
+    prepare([tmp_path / "3.txt"], wide, tmp_path / "wide", 0, progress=False)
     with pytest.raises(DataError, match="or dtypes"):   # same tokenizer, uint32 files
         data.merge([tmp_path / "A", tmp_path / "wide"], tmp_path / "X")
     out = ["--out", str(tmp_path / "X")]
     assert "different tokenizers" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "gen")] + out, capsys)
     assert "holds no meta.json" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "none")] + out, capsys)
     assert "also an input" in run_cli(["--merge", str(tmp_path / "A"), "--out", str(tmp_path / "A")], capsys)
+    assert "names" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "A")] + out, capsys)
+    # folders tokenised from a common file: one's held-out document may be in the other's train split
+    prepare(files[1:], tok, tmp_path / "C", 0.4, seed=3, progress=False)
+    for merged in ([tmp_path / "A", tmp_path / "C"], [tmp_path / "M", tmp_path / "C"]):
+        assert "were both tokenised from" in run_cli(["--merge", *map(str, merged)] + out, capsys)
     (tmp_path / "B" / "val.bin").write_bytes(b"")
     assert "re-run python data.py" in run_cli(["--merge", str(tmp_path / "A"), str(tmp_path / "B")] + out, capsys)
 

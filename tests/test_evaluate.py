@@ -10,6 +10,7 @@ forward) + one teacher forward per continuation for the continuation numbers. ~1
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import data as data_lib
 import evaluate
@@ -190,6 +192,27 @@ def test_errors_name_what_to_lower(eval_env, tmp_path, capsys):
     tok = teacher_lib.load_tokenizer(eval_env / "teacher")
     data_lib.prepare([eval_env / "doc0.txt"], tok, tmp_path / "noval", val_fraction=0, progress=False)
     assert "no val split" in error_line(capsys, flags(eval_env) + ["--data", str(tmp_path / "noval")])
+
+
+def test_bad_flags_fail_before_loading(eval_env, tmp_path, capsys):
+    """--json that cannot be written, a --device that does not exist here, a student whose weights
+    hold NaN: one line each, the first two before any model loads (here: before a missing teacher
+    would be noticed)."""
+    (tmp_path / "f").write_text("x")
+    no_teacher = ["--teacher", str(tmp_path / "missing")]
+    cases = [(["--json", str(tmp_path)], "is a folder"),
+             (["--json", str(tmp_path / "nowhere" / "e.json")], "does not exist"),
+             (["--json", str(tmp_path / "f" / "e.json")], "is a file, not a folder"),
+             (["--device", "gpu0"], "is not a torch device"),
+             (["--device", "cuda:7"], "no such CUDA device")]
+    for extra, msg in cases:
+        assert msg in error_line(capsys, flags(eval_env) + no_teacher + extra), extra
+    shutil.copytree(eval_env / "student", tmp_path / "nan")
+    sd = load_file(tmp_path / "nan" / "model.safetensors")
+    sd["norm.weight"][0] = float("nan")
+    save_file(sd, tmp_path / "nan" / "model.safetensors")
+    err = error_line(capsys, flags(eval_env) + ["--student", str(tmp_path / "nan")])
+    assert "weight norm.weight holds 1 NaN or inf" in err
 
 
 def test_vocab_mismatch_is_an_error(eval_env, tmp_path, capsys):

@@ -1,14 +1,18 @@
 """export.py's plumbing: the shipped remote code is model.py and kernels.py as they are (imports made
 relative) and fails clearly when it cannot be; bad inputs: an unknown variant, a damaged
-checkpoint, an existing output folder, a config.json lacking a field. (The exported folder against
-model.py and sample.py, loaded by transformers: test_equivalence.py §8.)
+checkpoint, weights holding NaN or inf, a config.json that is not UTF-8 JSON or lacks a field, an
+output folder that exists or cannot be one; a failed export leaves the previous one as it was. (The
+exported folder against model.py and sample.py, loaded by transformers: test_equivalence.py §8.)
 
     python -m pytest -x -q tests/test_export.py
 """
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import export
 import teacher as teacher_lib
@@ -79,6 +83,68 @@ def test_damaged_safetensors(ckpt, tmp_path):
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])     # truncated
     with pytest.raises(ExportError, match="damaged"):
         export.export(ExportConfig(ckpt=str(bad), out=str(tmp_path / "o")))
+
+
+def error_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_config_and_out_are_one_line_errors(tmp_path, capsys):
+    """config.json not UTF-8 or not an object; --out a file or under a file, refused before the
+    checkpoint is read (a missing --ckpt would be the other error)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for config, msg in [(b"\xff\xfe{}", "UnicodeDecodeError"), (b"[1, 2]", "a JSON list, not an object")]:
+        (bad / "config.json").write_bytes(config)
+        assert msg in error_line(capsys, ["--ckpt", str(bad), "--out", str(tmp_path / "o")])
+    (tmp_path / "f").write_text("x")
+    for out, msg in [(tmp_path / "f", "is a file; pass a folder path"),
+                     (tmp_path / "f" / "o", "is a file, not a folder")]:
+        assert msg in error_line(capsys, ["--ckpt", str(tmp_path / "nowhere"), "--out", str(out)])
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_non_finite_weights_are_refused(ckpt, tiny_hf_llama, tmp_path, capsys, exported):
+    """A NaN or an inf in one weight (a Student.save folder, an export.py folder) is refused with a
+    line naming the tensor, by export and by load_checkpoint (what evaluate.py and sample.py read)."""
+    src = tmp_path / "src"
+    if exported:
+        export.export(ExportConfig(ckpt=str(ckpt), out=str(src), teacher=str(tiny_hf_llama)))
+    else:
+        shutil.copytree(ckpt, src)
+    key = ("model." if exported else "") + "layers.1.mlp.up_proj.weight"
+    sd = load_file(src / "model.safetensors")
+    sd[key][3, 5] = float("inf") if exported else float("nan")
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    err = error_line(capsys, ["--ckpt", str(src), "--out", str(tmp_path / "o"), "--teacher", str(tiny_hf_llama)])
+    assert "weight layers.1.mlp.up_proj.weight holds 1 NaN or inf value" in err and not (tmp_path / "o").exists()
+    with pytest.raises(ExportError, match="layers.1.mlp.up_proj.weight"):
+        export.load_checkpoint(src)
+
+
+def test_failed_export_leaves_the_previous_one(ckpt, tiny_hf_llama, tmp_path, monkeypatch):
+    """--force over an earlier sharded export, killed while writing the weights: the earlier folder
+    is byte for byte as it was, with no staging folder left; finished, the stale shards are gone."""
+    out = tmp_path / "hf"
+    export.export(ExportConfig(ckpt=str(ckpt), out=str(out), teacher=str(tiny_hf_llama), max_shard_size="100KB"))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert "model.safetensors.index.json" in before
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.export(ExportConfig(ckpt=str(ckpt), out=str(out), teacher=str(tiny_hf_llama), force=True))
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not list(tmp_path.glob(".*"))
+    export.export(ExportConfig(ckpt=str(ckpt), out=str(out), teacher=str(tiny_hf_llama), force=True))
+    assert not list(out.glob("model-*")) and not (out / "model.safetensors.index.json").exists()
+    assert torch.equal(export.load_checkpoint(out).lm_head.weight, export.load_checkpoint(ckpt).lm_head.weight)
 
 
 def test_existing_out_needs_force(ckpt, tiny_hf_llama, tmp_path, capsys):

@@ -98,3 +98,10 @@ def test_cli(tmp_path, monkeypatch, capsys):
         teacher.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: teacher path") and err.count("\n") == 1
+    # bad flags are refused before the teacher loads (here: before a missing one is noticed)
+    for flags, msg in [(["--prompt", ""], "--prompt is empty"),
+                       (["--prompt", "Hi", "--max-new-tokens", "0"], "0 must be a whole number")]:
+        with pytest.raises(SystemExit) as exit_:
+            teacher.main(["--teacher", str(tmp_path / "missing"), *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and msg in err.splitlines()[-1], err
