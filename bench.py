@@ -19,6 +19,7 @@
     torchrun --nproc_per_node=2 bench.py train --shape q7b --step 2 --micro-batch 8 --updates 6
     python bench.py generate --ckpt out/step3/student --lengths 128,512 --batches 1,4 --threads 1
     python bench.py generate --dtype bf16 --no-prefill              # GPU: random weights, SmolLM2 shape
+    python bench.py generate --dtype bf16 --no-prefill --compile --lengths 512 --batches 1,32
     python bench.py generate --shape q7b --dtype bf16 --no-prefill --lengths 4096 --batches 1
 
 The benchmarks use the library's public functions (the same code a real run executes); none of
@@ -426,7 +427,7 @@ def generate_row(make_decoder, B, T, tokens, vocab, device, bandwidth, sampling,
 
 
 def generate_table(student, teacher, lengths, batches, tokens, device, prefill_chunk=2048, seed=0, prompt=True,
-                   graph=None, temperature=0.0):
+                   graph=None, temperature=0.0, compile=False):
     """Print one row per (T, B) and return them: [{"T", "B", "student": generate_row(...), "teacher": ...}]."""
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     sampling = SampleConfig(temperature=temperature)
@@ -436,7 +437,8 @@ def generate_table(student, teacher, lengths, batches, tokens, device, prefill_c
              else f", {torch.get_num_threads()} threads")
     print(f"decode after T tokens of context ({context}); {tokens} steps back to back; device {device}{where}"
           f"; weights {student.embed_tokens.weight.dtype}, state fp32; "
-          f"{'one-token steps replayed from a CUDA graph' if graphed else 'eager steps'}; "
+          f"{'one-token steps replayed from a CUDA graph' if graphed else 'eager steps'}"
+          f"{' (the student step compiled by torch.compile)' if compile else ''}; "
           f"{'greedy' if temperature == 0 else f'sampling at temperature {temperature}'}\n"
           f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + written); weights read per step: student "
           f"{weight_bytes(student) / 2**20:,.0f} MiB, teacher {weight_bytes(teacher) / 2**20:,.0f} MiB; "
@@ -446,7 +448,7 @@ def generate_table(student, teacher, lengths, batches, tokens, device, prefill_c
     print(head + "\n" + "-" * len(head), flush=True)
 
     def make_student(B, max_len, at):
-        dec = StudentDecoder(student, student.init_state(B, device), graph=graph)
+        dec = StudentDecoder(student, student.init_state(B, device), graph=graph, compile=compile)
         dec.state.pos = at
         return dec
 
@@ -515,6 +517,8 @@ def generate_main(a):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {a.device}: no CUDA GPU is visible on this machine; use --device cpu")
+    if a.compile and (device.type != "cuda" or a.eager):
+        raise SystemExit("--compile compiles the student's CUDA-graphed step: it needs a CUDA device and no --eager")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -537,7 +541,7 @@ def generate_main(a):
     student.init_buffers()
     return generate_table(student.eval().requires_grad_(False), teacher.eval().requires_grad_(False), a.lengths,
                           a.batches, a.tokens, device, a.prefill_chunk, a.seed, not a.no_prefill,
-                          False if a.eager else None, a.temperature)
+                          False if a.eager else None, a.temperature, a.compile)
 
 
 def parse_args(argv=None):
@@ -584,6 +588,8 @@ def parse_args(argv=None):
     g.add_argument("--no-prefill", action="store_true",
                    help="start at position T with a zero state / KV cache instead of reading a T-token prompt")
     g.add_argument("--eager", action="store_true", help="no CUDA graph: every step launched from Python")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's one-token step into fewer kernels before it is captured")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled on the device")
     g.add_argument("--device", default="auto", help="auto: cuda if available")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights (the state stays fp32)")

@@ -10,8 +10,11 @@ Generation carries the student's State (model.py): the prompt runs once through 
 O(1) time and memory whatever the context length (docs/method.md §3–§4; the paper's public code
 re-ran the whole prefix per token, docs/method.md §12). On a GPU that step, the student's and the
 teacher's, is captured once in a CUDA graph and replayed (the decoders below; docs/kernels.md §6);
-sampling stays on the GPU. Tokens stream as they are made: the growing sequence is decoded and its
-new suffix printed, held back while it ends inside a multi-byte character.
+sampling stays on the GPU. --compile first compiles the student's step with torch.compile, which
+fuses its small operations into fewer kernels: about a minute of compiling before the first token,
+worth it for long generations (docs/results.md, Generation). Tokens stream as they are made: the
+growing sequence is decoded and its new suffix printed, held back while it ends inside a multi-byte
+character.
 
 --ckpt: a Student.save folder or an export.py folder (read without transformers). Tokenizer:
 --tokenizer PATH (a teacher path), else the checkpoint folder's own tokenizer.json (export.py
@@ -61,6 +64,7 @@ class SampleConfig:
     dtype: str = "fp32"            # fp32 | bf16 weights (the state stays fp32)
     threads: int = 0               # CPU threads (0 = torch's default; 1 is fastest on a busy machine)
     prefill_chunk: int = 2048      # prompt tokens per parallel forward (bounds prefill memory)
+    compile: bool = False          # CUDA: torch.compile the student's decode step (~1 min warm-up, then faster)
 
 
 # ---------------------------------------------------------------- decoders: tokens in, logits out
@@ -70,7 +74,9 @@ class SampleConfig:
 # its position from static buffers; on CUDA it is captured once in a CUDA graph and replayed, so that
 # a step costs the GPU's time for its kernels instead of thousands of launches from Python
 # (docs/kernels.md §6). graph=None picks that on CUDA; graph=True on a CPU runs the same step
-# eagerly (what the tests compare); graph=False always runs the eager path.
+# eagerly (what the tests compare); graph=False always runs the eager path. The student's step can
+# also be compiled (compile=True) before it is captured: one trace of the whole step (fullgraph),
+# in which layer indices are constants, and Inductor's fused kernels in the graph.
 
 class StaticStep:
     """fn() over static buffers. On CUDA the first call runs fn on a side stream (Triton compiles and
@@ -103,10 +109,14 @@ class StudentDecoder:
     step reads and writes the tensors of this State: replacing self.state makes the next step capture
     again."""
 
-    def __init__(self, model: Student, state: State | None = None, graph: bool | None = None):
+    def __init__(self, model: Student, state: State | None = None, graph: bool | None = None,
+                 compile: bool = False):
+        """compile: torch.compile the one-token step before capturing it (a static step only: on
+        CUDA, or graph=True); each new capture (a new State, a new batch size) compiles again."""
         self.model, self.state = model, state
         device = model.embed_tokens.weight.device
         self.graph = device.type == "cuda" if graph is None else graph
+        self.compile = compile
         self._step, self._for = None, None             # the captured step and the State it reads
 
     @torch.no_grad()
@@ -118,7 +128,8 @@ class StudentDecoder:
             self.state = self.model.init_state(idx.shape[0], idx.device, fp32(self.model.embed_tokens.weight).dtype)
         if self._for is not self.state:
             self.idx, self.pos = idx.clone(), torch.zeros(1, dtype=torch.long, device=idx.device)
-            self._step, self._for = StaticStep(self.step, idx.device), self.state
+            fn = torch.compile(self.step, fullgraph=True, dynamic=False) if self.compile else self.step
+            self._step, self._for = StaticStep(fn, idx.device), self.state
         self.idx.copy_(idx)
         self.pos.fill_(self.state.pos)
         logits = self._step().clone()
@@ -367,15 +378,18 @@ def check(cfg: SampleConfig) -> torch.device:
             raise ValueError(f"--state-out {cfg.state_out}: cannot write a file there (a folder, or its folder "
                              "is missing or read-only); pass a writable file path")
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise ValueError(f"--device {cfg.device} is not a device: use auto, cpu, cuda or cuda:N") from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {cfg.device}: sample.py runs on cpu or cuda")
+    if cfg.compile and device.type != "cuda":
+        raise ValueError(f"--compile compiles the CUDA-graphed decode step; on {device} drop --compile")
     return device
 
 
@@ -411,7 +425,7 @@ def run(cfg: SampleConfig):
     if not ids:
         raise ValueError("the prompt is empty: pass --prompt TEXT (or --state-in to continue a saved state)")
     prompt = torch.tensor([ids], device=device)
-    runs = [("student", StudentDecoder(student, state))]
+    runs = [("student", StudentDecoder(student, state, compile=cfg.compile))]
     if teacher is not None:
         runs.append(("teacher", TeacherDecoder(teacher, 1, len(ids) + cfg.max_new_tokens + 1)))
     answers, unfed = {}, {}

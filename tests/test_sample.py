@@ -156,6 +156,25 @@ def test_static_step_greedy_from_an_empty_state(student):
         assert rel_err(steps, student(idx)[0]) < 1e-5
 
 
+def test_compiled_step_is_one_graph(student, monkeypatch):
+    """compile=True traces the whole static step as one graph (fullgraph: a graph break raises),
+    once for every position (the position is a buffer, not a guard), and that graph, run as traced,
+    gives the eager path's logits bit for bit."""
+    graphs, real = [], torch.compile
+
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=count, **kw))
+    torch._dynamo.reset()
+    idx = torch.randint(0, student.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(10))
+    eager, compiled = StudentDecoder(student, graph=False), StudentDecoder(student, graph=True, compile=True)
+    assert torch.equal(eager(idx[:, :4]), compiled(idx[:, :4]))
+    for t in range(4, 9):
+        assert torch.equal(eager(idx[:, t:t + 1]), compiled(idx[:, t:t + 1]))
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_teacher_static_step_equals_eager_path(arch):
     """The teacher's static step (one query against the whole fixed-size cache, later positions
@@ -198,6 +217,22 @@ def test_cuda_graphed_decoding_equals_eager(variant):
     eager, graphed = StudentDecoder(s, graph=False), StudentDecoder(s, graph=True)
     for t_ in range(12):
         assert torch.equal(eager(ids[:, t_:t_ + 1]), graphed(ids[:, t_:t_ + 1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled CUDA-graphed step needs a CUDA GPU")
+def test_cuda_compiled_decoding_equals_eager():
+    """On a GPU: the compiled, graphed student step (Inductor's fused kernels, other roundings)
+    against the eager path: fp32 logits within 1e-4, the same greedy tokens."""
+    s = perturbed(Student.from_teacher(tiny_teacher(seed=11), "rwkv7")).eval().cuda()
+    s.init_buffers()
+    ids = torch.randint(0, s.cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11)).cuda()
+    eager, compiled = StudentDecoder(s, graph=False), StudentDecoder(s, compile=True)
+    a = torch.cat([eager(ids[:, t:t + 1]) for t in range(12)], 1)
+    b = torch.cat([compiled(ids[:, t:t + 1]) for t in range(12)], 1)
+    assert rel_err(b, a) < 1e-4
+    cfg = SampleConfig(max_new_tokens=16)
+    assert torch.equal(sample.generate(StudentDecoder(s, graph=False), ids, cfg)[0],
+                       sample.generate(StudentDecoder(s, compile=True), ids, cfg)[0])
 
 
 # ---------------------------------------------------------------- sampling, streaming, chat turns
@@ -303,6 +338,13 @@ BAD_SETTINGS = [("--dtype", "foo", "--dtype foo"), ("--temperature", "-1", "--te
                 ("--state-out", "{tmp}/missing/x.state", "--state-out"), ("--state-out", "{tmp}", "--state-out")]
 if not torch.cuda.is_available():
     BAD_SETTINGS.append(("--device", "cuda", "no CUDA GPU"))
+
+
+def test_cli_compile_needs_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--prompt", "x", "--device", "cpu", "--compile"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--compile" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("flag, value, words", BAD_SETTINGS)
