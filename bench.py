@@ -186,7 +186,7 @@ def kernels_gpu(cfg):
             print(f"{name:<10} {variant:<7} {f:>8.3f} {fb:>9.3f} {get('fla_f'):>8.3f} {get('fla_fb'):>8.3f} "
                   f"{f / get('fla_f'):>7.2f} {fb / get('fla_fb'):>8.2f} {get('sdpa_fb'):>8.3f} "
                   f"{peak:>7.0f} {get('fla_peak'):>8.0f}", flush=True)
-            del xs
+            xs = None                                    # free the inputs before the next shape
             torch.cuda.empty_cache()
     kernels_decode(fla, gpu_ms)
 

@@ -185,17 +185,25 @@ def _check_val_fraction(val_fraction):
 
 # ---------------------------------------------------------------- output folders, written whole or not at all
 
+def folder_problem(out: Path) -> str | None:
+    """Why `out` cannot be written as a folder (it is a file, lies under a file, or is not writable),
+    or None. data.py and export.py ask before any loading."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; pass a folder path"
+    parent = next((p for p in out.absolute().parents if p.exists()), Path(out.absolute().anchor))
+    if not parent.is_dir():
+        return f"--out {out}: {parent} is a file, not a folder; pass a folder path"
+    for d in (parent, out) if out.exists() else (parent,):
+        if not os.access(d, os.W_OK | os.X_OK):
+            return f"--out {out}: {d} is not writable; pass a folder you can write to"
+    return None
+
+
 def check_out(out) -> Path:
     """--out: a folder, or a path where one can be made; checked before any tokenising or loading."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file; pass a folder path")
-    parent = next((p for p in out.absolute().parents if p.exists()), Path(out.absolute().anchor))
-    if not parent.is_dir():
-        raise DataError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
-    for d in (parent, out) if out.exists() else (parent,):
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise DataError(f"--out {out}: {d} is not writable; pass a folder you can write to")
+    if problem := folder_problem(out):
+        raise DataError(problem)
     return out
 
 

@@ -53,6 +53,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import data as data_lib
 import model as model_lib
 import teacher as teacher_lib
 from model import MIXERS, Student, StudentConfig
@@ -228,17 +229,11 @@ def tokenizer_files(tok: teacher_lib.Tok) -> dict[str, str]:
 
 def check_out(out: Path, force: bool):
     """--out: a new or empty folder (any folder with --force) that can be written; checked before loading."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; pass a folder path")
+    if problem := data_lib.folder_problem(out):
+        raise ExportError(problem)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; pass --force to overwrite it "
                           "or choose another folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), Path(out.absolute().anchor))
-    if not parent.is_dir():
-        raise ExportError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
-    for d in (parent, out) if out.exists() else (parent,):
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise ExportError(f"--out {out}: {d} is not writable; pass a folder you can write to")
 
 
 def commit(stage: Path, out: Path):
