@@ -221,6 +221,16 @@ def test_vocab_mismatch_is_an_error(eval_env, tmp_path, capsys):
     assert "vocabulary" in err and "--teacher" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    ([], "--student and --data are required (or --tasks"), (["--student", "s"], "--student and --data are required"),
+    (["--tasks", "piqa", "--data", "d"], "separate runs: pass one")])
+def test_flags_that_do_not_go_together(argv, message, capsys):
+    """--data needs --student; --tasks (the benchmark suite) is a run of its own, --student optional."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_missing_student(eval_env):
     """The command line itself: exit 2, one line."""
     p = subprocess.run([sys.executable, "evaluate.py", *flags(eval_env, "nowhere")], cwd=ROOT, capture_output=True,
