@@ -1,4 +1,4 @@
-"""Shared test builders and the expensive session-wide fixtures, for test_equivalence.py and tests/.
+"""Shared test builders and the expensive fixtures built once per test run, for test_equivalence.py and tests/.
 
 Builders (plain functions, imported by name):
 - `tiny_teacher_config(arch)`: a TeacherConfig for a tiny plain-torch Teacher (random init).
@@ -16,7 +16,7 @@ Builders (plain functions, imported by name):
 - `distill_flags`, `distill_run`, `logged_losses`, `logged_evals`: run distill.py in-process, read its log.
 - `rel_err`, `perturbed`.
 
-Session fixtures (each built once per run, whichever file asks first): `tiny_hf_llama` (a
+Run-wide fixtures (each built once per run, whichever file asks first): `tiny_hf_llama` (a
 make_hf_teacher folder, read only), `distill_env` (tiny_hf_teacher + token files), `three_steps`
 (distill.py steps 1, 2, 3 on it), `default_teacher` and `default_students` (the embedded SmolLM2).
 
@@ -299,15 +299,18 @@ def logged_evals(out, step):
     return [r["eval"] for r in map(json.loads, (Path(out) / f"step{step}" / "log.jsonl").open()) if "eval" in r]
 
 
-# ---------------------------------------------------------------- session fixtures
+# ---------------------------------------------------------------- run-wide fixtures
 
-@pytest.fixture(scope="session")
+once_per_run = pytest.fixture(scope="session")   # pytest's scope name for one build per test run
+
+
+@once_per_run
 def tiny_hf_llama(tmp_path_factory):
     """make_hf_teacher(arch="llama"): read by data, sample, export and command-line tests; never written to."""
     return make_hf_teacher(tmp_path_factory.mktemp("tiny_hf_llama"), "llama")
 
 
-@pytest.fixture(scope="session")
+@once_per_run
 def distill_env(tmp_path_factory):
     """A folder with teacher/ (tiny_hf_teacher) and data/ (its token files, one document held out)."""
     root = tmp_path_factory.mktemp("distill")
@@ -319,7 +322,7 @@ def distill_env(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
+@once_per_run
 def three_steps(distill_env, tmp_path_factory):
     """Steps 1, 2, 3 in turn (30 updates each), counting teacher loads. Returns (out folder, loads)."""
     out = tmp_path_factory.mktemp("three")
@@ -338,13 +341,13 @@ def three_steps(distill_env, tmp_path_factory):
     return out, loads
 
 
-@pytest.fixture(scope="session")
+@once_per_run
 def default_teacher():
     """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32): (Teacher, Tok), loaded once."""
     return teacher_lib.load_teacher()
 
 
-@pytest.fixture(scope="session")
+@once_per_run
 def default_students(default_teacher):
     """Its RAD-RWKV7 and RAD-RWKV6 students at init (default ranks); tests only read them."""
     t, _ = default_teacher
