@@ -27,7 +27,6 @@ them lives in a library file.
 """
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -37,12 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distill
-import kernels
 import teacher as teacher_lib
-from export import load_checkpoint
+from export import DTYPES, load_checkpoint
 from kernels import rwkv6_attn, rwkv7_attn
 from model import MIXERS, Student
-from sample import SampleConfig, StudentDecoder, TeacherDecoder, pick, prefill
+from sample import SampleConfig, StaticStep, check, StudentDecoder, TeacherDecoder, pick, prefill
 from teacher import Teacher, TeacherConfig
 
 
@@ -222,18 +220,11 @@ def kernels_decode(fla, gpu_ms):
 
 
 def _graphed(fn):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream, which compile and
-    autotune outside the capture); returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn captured in a CUDA graph as sample.py's decoders capture their step (StaticStep: one call on
+    a side stream, outside the capture, compiles and autotunes); returns the replay."""
+    step = StaticStep(fn, torch.device("cuda"))
+    step()
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,13 +260,18 @@ def train_config(args, step, world) -> distill.StepConfig:
                               0, d["ckpt_act"] and not args.no_ckpt_act, False, 0)
 
 
-def random_weights(args, step, device):
-    """Rank 0: a teacher of --shape and its student, random weights made on the device; the teacher
-    is kept for steps 1 and 2 only, as distill.read_weights does."""
-    torch.manual_seed(args.seed)
+def random_models(shape, variant, seed, device):
+    """A teacher of `shape` with random weights made on the device (seeded), and its student."""
+    torch.manual_seed(seed)
     with torch.device(device):
-        t = Teacher(MODEL_SHAPES[args.shape])
-    s = Student.from_teacher(t, args.variant)
+        teacher = Teacher(MODEL_SHAPES[shape])
+    return teacher, Student.from_teacher(teacher, variant)
+
+
+def random_weights(args, step, device):
+    """Rank 0: random_models' configs and weights; the teacher is kept for steps 1 and 2 only, as
+    distill.read_weights does."""
+    t, s = random_models(args.shape, args.variant, args.seed, device)
     keep = step != 3
     return (t.cfg if keep else None, s.cfg), (t.state_dict() if keep else {}, s.state_dict())
 
@@ -298,9 +294,10 @@ def flops_per_token(tcfg, scfg, step, ctx):
     Returns (FLOPs, the formula, its terms)."""
     lin = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))
     with torch.device("meta"):
-        P_T, P_S = lin(Teacher(tcfg)), lin(Student(scfg))
+        student = Student(scfg)
+        P_T, P_S = lin(Teacher(tcfg)), lin(student)
         P_tm = sum(lin(b.time_mix) + sum(p.numel() for n, p in b.time_mix.named_parameters()
-                                         if p.dim() == 2 and "proj" not in n) for b in Student(scfg).layers)
+                                         if p.dim() == 2 and "proj" not in n) for b in student.layers)
     VC, A = tcfg.vocab_size * tcfg.hidden_size, 2 * tcfg.n_layers * ctx * tcfg.n_heads * tcfg.head_dim
     flops = {1: 2 * (P_T - VC) + A + 6 * P_tm, 2: 2 * P_T + A + 2 * VC + 8 * P_S, 3: 8 * P_S}[step]
     formula = {1: "2(P_T-VC) + A + 6 P_tm", 2: "2 P_T + A + 2 VC + 8 P_S", 3: "8 P_S"}[step]
@@ -499,9 +496,7 @@ def train_main(a):
     rank, world, device = distill.init_dist()
     result = None
     try:
-        if a.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise distill.Fail("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
-        kernels.AUTO = a.backend
+        distill.pin_backend(a.backend, device)
         for step in [a.step] if a.step else [1, 2, 3]:
             result = train_step(a, step, device)
     except distill.Fail as e:
@@ -514,12 +509,13 @@ def train_main(a):
 
 
 def generate_main(a):
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {a.device}: no CUDA GPU is visible on this machine; use --device cpu")
-    if a.compile and (device.type != "cuda" or a.eager):
-        raise SystemExit("--compile compiles the student's CUDA-graphed step: it needs a CUDA device and no --eager")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    try:
+        device = check(SampleConfig(device=a.device, dtype=a.dtype, compile=a.compile))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.compile and a.eager:
+        raise SystemExit("--compile compiles the student's CUDA-graphed step: drop --eager")
+    dtype = DTYPES[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.ckpt:
@@ -533,11 +529,8 @@ def generate_main(a):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     else:                         # random weights of a teacher shape, and its student
-        torch.manual_seed(a.seed)
-        with torch.device(device):
-            teacher = Teacher(MODEL_SHAPES[a.shape])
-        student = Student.from_teacher(teacher, a.variant).to(dtype)   # initialised in fp32
-        teacher = teacher.to(dtype)
+        teacher, student = random_models(a.shape, a.variant, a.seed, device)
+        teacher, student = teacher.to(dtype), student.to(dtype)         # initialised in fp32
     student.init_buffers()
     return generate_table(student.eval().requires_grad_(False), teacher.eval().requires_grad_(False), a.lengths,
                           a.batches, a.tokens, device, a.prefill_chunk, a.seed, not a.no_prefill,

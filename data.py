@@ -326,16 +326,16 @@ def read_mmididx(prefix):
     dtype = np.dtype(MMIDIDX_DTYPES[code])
     sizes = np.memmap(idx, np.int32, "r", offset=34, shape=(n_seq,)).astype(np.int64)
     pointers = np.memmap(idx, np.int64, "r", offset=34 + 4 * n_seq, shape=(n_seq,))
-    n = int(sizes.sum())
+    seq_starts = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(seq_starts[-1])
     # the flat view is valid only if sequences are packed back to back, as Megatron writes them
-    if not np.array_equal(pointers, (np.cumsum(sizes) - sizes) * dtype.itemsize):
+    if not np.array_equal(pointers, seq_starts[:-1] * dtype.itemsize):
         raise DataError(f"{idx}: sequences are not stored back to back in {binf}; re-export it with Megatron")
     if binf.stat().st_size < n * dtype.itemsize:
         raise DataError(f"{binf} is shorter than its index says ({n} tokens); re-copy the .bin file")
     doc_idx = np.memmap(idx, np.int64, "r", offset=34 + 12 * n_seq, shape=(n_doc,)) if n_doc else np.zeros(0, np.int64)
     if n_doc and (doc_idx[0] != 0 or doc_idx[-1] != n_seq or (np.diff(doc_idx) < 0).any()):
         raise DataError(f"{idx}: its document index is not 0 .. {n_seq} in order; re-export it with Megatron")
-    seq_starts = np.concatenate([[0], np.cumsum(sizes)])
     doc_starts = np.unique(np.concatenate([[0], seq_starts[doc_idx[:-1]]])) if n_doc else np.zeros(1, np.int64)
     meta = {"format": "mmididx", "dtype": dtype.name, "sequences": n_seq, "documents": max(n_doc - 1, 0)}
     return np.memmap(binf, dtype, "r", shape=(n,)), meta, doc_starts

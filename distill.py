@@ -922,6 +922,13 @@ def run_step(args, step, rank, world, device):
             print(table(step, first, last) + f"\nstudent saved to {out / 'student'}")
 
 
+def pin_backend(backend, device):
+    """--backend: the kernels.py backend of every time-mix for the whole run (auto: per call)."""
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Fail("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
+    kernels.AUTO = backend
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.deterministic:  # cuBLAS needs its workspace fixed before the first matmul; warn on ops without
@@ -930,9 +937,7 @@ def main(argv=None):
     rank, world, device = init_dist()
     steps = [args.step] if args.step else [1, 2, 3]
     try:
-        if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise Fail("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
-        kernels.AUTO = args.backend
+        pin_backend(args.backend, device)
         for step in steps:  # the batch flags against the device count, before anything is loaded
             step_config(args, step, world, PAPER_PARAMS, device.type == "cuda")
         on_rank0(lambda: (check_out(args, steps), None))

@@ -59,12 +59,11 @@ from tqdm import tqdm
 
 import data as data_lib
 import teacher as teacher_lib
-from distill import Distill, head_loss, positive
-from export import ExportError, load_checkpoint, load_tok
-from model import Student
+from distill import Distill, head_loss, perplexity, positive
+from export import DTYPES, ExportError, load_checkpoint, load_tok
+from model import Student, write_atomic
 from sample import SampleConfig, StudentDecoder, TeacherDecoder, generate
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class EvalError(ValueError):
@@ -136,14 +135,8 @@ def check_json_path(path):
 
 
 def write_json(path, result: dict):
-    """The result written beside path and renamed onto it: a crash never leaves half a file."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The result written whole or not at all (model.write_atomic)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
 def load_models(args, device, dtype):
@@ -197,7 +190,7 @@ def window_metrics(student, teacher, val, ctx, windows, batch, device) -> dict:
         hT = teacher.norm(teacher.hidden(x)).flatten(0, 1)                      # (B·T, C)
         sums += model.eval_sums(x, y, hT, teacher.lm_head.weight).double().cpu()
     nll_s, nll_t, kl, agree, n = sums.tolist()
-    ppl_s, ppl_t = math.exp(nll_s / n), math.exp(nll_t / n)
+    ppl_s, ppl_t = perplexity(nll_s / n), perplexity(nll_t / n)
     return {"ppl_student": ppl_s, "ppl_teacher": ppl_t, "ppl_ratio": ppl_s / ppl_t, "kl": kl / n,
             "top1_agree": agree / n, "eval_tokens": int(n)}
 
@@ -233,7 +226,7 @@ def continuation_metrics(student, teacher, prompts, new_tokens, batch, device) -
         (a, k), (b, _) = continuation_nll(teacher, p, new_s), continuation_nll(teacher, p, new_t)
         nll_s, nll_t, n = nll_s + a, nll_t + b, n + k
         matched += prefix_match(new_s, new_t).sum().item()
-    return {"cont_ppl_student": math.exp(nll_s / n), "cont_ppl_teacher": math.exp(nll_t / n),
+    return {"cont_ppl_student": perplexity(nll_s / n), "cont_ppl_teacher": perplexity(nll_t / n),
             "cont_prefix_match": matched / n}
 
 

@@ -57,22 +57,13 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def rope_at(inv_freq: torch.Tensor, pos: torch.Tensor):
-    """cos, sin (T, N) at the positions pos (T,), an integer tensor: the numbers of
-    teacher.rope_cos_sin, which takes the first position as a Python int. A tensor lets a captured
-    decode step read its position from a buffer."""
-    ang = torch.outer(pos.float(), inv_freq)
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos(), ang.sin()
-
-
-def save_atomic(tensors: dict, path, metadata=None):
-    """safetensors file written beside `path` and renamed onto it: a crash or kill while writing
-    leaves the previous file (or none), never a truncated one."""
+def write_atomic(path, write):
+    """write(tmp) fills a file beside `path`, which is then renamed onto it: a crash or kill while
+    writing leaves the previous file (or none), never a truncated one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -349,7 +340,8 @@ class State:
     def save(self, path):
         tensors = {f"{i}.{k}": t.detach().contiguous().cpu()
                    for i, st in enumerate(self.layers) for k, t in st.items()}
-        save_atomic(tensors, path, metadata={"pos": str(self.pos), "n_layers": str(len(self.layers))})
+        meta = {"pos": str(self.pos), "n_layers": str(len(self.layers))}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path, device="cpu") -> "State":
@@ -436,8 +428,6 @@ class Student(nn.Module):
         (a captured decode step's position buffer)."""
         if not self.cfg.rope:
             return Ctx(None, None)
-        if isinstance(pos, torch.Tensor):
-            return Ctx(*rope_at(self.inv_freq.float(), pos + torch.arange(T, device=pos.device)))
         return Ctx(*rope_cos_sin(self.inv_freq.float(), T, offset=pos))
 
     def blocks(self, h, state: State, ctx: Ctx):
@@ -481,11 +471,9 @@ class Student(nn.Module):
         """config.json + model.safetensors in the folder `path`, each written whole or not at all."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        save_atomic({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                    out / "model.safetensors")
-        tmp = out / f".config.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        os.replace(tmp, out / "config.json")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_atomic(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
 
     @classmethod
     def load(cls, path, device="cpu", dtype=None) -> "Student":

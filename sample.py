@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 import teacher as teacher_lib
-from export import ExportError, load_checkpoint, load_tok
-from model import State, Student, fp32, rope_at
+from export import DTYPES, ExportError, load_checkpoint, load_tok
+from model import State, Student, fp32
 from teacher import apply_rope, rope_cos_sin
 
 
@@ -205,7 +205,7 @@ class TeacherDecoder:
         """One token for every row: self.idx (B, 1) at position self.at (1,) -> logits (B, 1, V); its
         keys and values written into the cache at that position."""
         t = self.model
-        cos, sin = rope_at(t.inv_freq, self.at)
+        cos, sin = rope_cos_sin(t.inv_freq, 1, offset=self.at)
         live = (torch.arange(self.k[0].shape[2], device=self.at.device) <= self.at).view(1, 1, 1, -1)
         h = t.embed_tokens(self.idx)
         for i, block in enumerate(t.layers):
@@ -354,7 +354,6 @@ def load_state(path, student: Student, device) -> State:
 
 # ---------------------------------------------------------------- main
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check(cfg: SampleConfig) -> torch.device:

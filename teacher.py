@@ -96,9 +96,10 @@ def rope_inv_freq(cfg: TeacherConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, T: int, offset: int = 0, dtype=torch.float32):
-    """cos, sin of shape (T, N) for positions offset .. offset+T-1 (rotate-half layout)."""
-    pos = torch.arange(offset, offset + T, device=inv_freq.device, dtype=torch.float32)
+def rope_cos_sin(inv_freq: torch.Tensor, T: int, offset=0, dtype=torch.float32):
+    """cos, sin of shape (T, N) for positions offset .. offset+T-1 (rotate-half layout). offset: an
+    int, or a (1,) integer tensor on inv_freq's device (a captured decode step's position buffer)."""
+    pos = (offset + torch.arange(T, device=inv_freq.device)).float()
     ang = torch.outer(pos, inv_freq)
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
