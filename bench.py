@@ -247,17 +247,27 @@ MODEL_SHAPES = {  # teacher shapes, random weights
 }
 
 
-def train_config(args, step, world) -> distill.StepConfig:
-    """distill.step_config's rule for a timed run: the paper's ctx and micro-batch unless set, the
-    global batch one micro-batch per device unless --batch, --updates updates at a flat lr."""
+def train_config(args, step, world, scfg, free) -> distill.StepConfig:
+    """distill.step_config's rules for a timed run: the paper's ctx; on a GPU (free: bytes for
+    activations) the paper's batch with the micro-batch and activation checkpointing that fill it
+    (distill.fit_micro), on a CPU one micro-batch of the paper's size per device; flags win;
+    --updates updates at a flat lr."""
     d = distill.STEPS[step]
-    ctx, batch = args.ctx or d["ctx"], args.batch or d["batch"]
-    micro = min(args.micro_batch or d["micro"], max(batch // world, 1))
-    batch = args.batch or micro * world  # time micro-batches, not accumulation
-    if batch % (world * micro):
-        raise distill.Fail(f"--batch {batch} must be a multiple of the {world} devices × --micro-batch {micro}")
-    return distill.StepConfig(step, ctx, batch, micro, batch // (world * micro), d["lr"], d["lr_end"], args.updates,
-                              0, d["ckpt_act"] and not args.no_ckpt_act, False, 0)
+    ctx, fill = args.ctx or d["ctx"], free is not None
+    batch = args.batch or (d["batch"] if fill else world * (args.micro_batch or d["micro"]))
+    if batch % world:
+        raise distill.Fail(f"--batch {batch} must be a multiple of the {world} devices")
+    rows, ckpt_act = batch // world, args.ckpt_act
+    if args.micro_batch or not fill:
+        micro = min(args.micro_batch or d["micro"], rows)
+        if rows % micro:
+            raise distill.Fail(f"--micro-batch {micro} must divide the {rows} sequences per device")
+        if ckpt_act is None:
+            ckpt_act = d["ckpt_act"] and (not fill or micro * distill.activation_bytes(scfg, ctx, False) > free)
+    else:
+        micro, ckpt_act = distill.fit_micro(rows, ctx, scfg, free, ckpt_act, d)
+    return distill.StepConfig(step, ctx, batch, micro, rows // micro, d["lr"], d["lr_end"], args.updates,
+                              0, ckpt_act, fill and args.compile is not False, False, 0)
 
 
 def random_models(shape, variant, seed, device):
@@ -283,14 +293,15 @@ def matmul_tflops(device):
     return 2 * 8192 ** 3 / do_bench(lambda: a @ a, return_mode="median") / 1e9
 
 
-def flops_per_token(tcfg, scfg, step, ctx):
-    """Matmul FLOPs per token (RWKV state updates and softmax are a few % and not counted):
+def flops_per_token(tcfg, scfg, step, ctx, ckpt_act):
+    """Matmul FLOPs per token that the step runs (RWKV state updates and softmax are a few % and not
+    counted):
       P_T, P_S = teacher / student matmul parameters (all Linear weights incl. lm_head),
       A = 2·L·ctx·H·N causal-attention FLOPs of the teacher per token,  VC = vocab × C.
       step 1: teacher trunk fwd 2(P_T − VC) + A, student time-mix fwd+bwd 6·P_tm
-      step 2: teacher fwd 2·P_T + A + head recompute 2·VC, student fwd+bwd 6·P_S + recompute 2·P_S
-      step 3: student 6·P_S + recompute 2·P_S
-    (recompute: the blocks under activation checkpointing, the default, and the head chunks).
+      step 2: teacher fwd 2·P_T + A + head recompute 2·VC, student fwd+bwd 6·P_S (+ recompute 2·P_S)
+      step 3: student 6·P_S (+ recompute 2·P_S)
+    (the head's chunks are recomputed in backward; the blocks only under activation checkpointing).
     Returns (FLOPs, the formula, its terms)."""
     lin = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))
     with torch.device("meta"):
@@ -299,8 +310,9 @@ def flops_per_token(tcfg, scfg, step, ctx):
         P_tm = sum(lin(b.time_mix) + sum(p.numel() for n, p in b.time_mix.named_parameters()
                                          if p.dim() == 2 and "proj" not in n) for b in student.layers)
     VC, A = tcfg.vocab_size * tcfg.hidden_size, 2 * tcfg.n_layers * ctx * tcfg.n_heads * tcfg.head_dim
-    flops = {1: 2 * (P_T - VC) + A + 6 * P_tm, 2: 2 * P_T + A + 2 * VC + 8 * P_S, 3: 8 * P_S}[step]
-    formula = {1: "2(P_T-VC) + A + 6 P_tm", 2: "2 P_T + A + 2 VC + 8 P_S", 3: "8 P_S"}[step]
+    S = 8 if ckpt_act else 6
+    flops = {1: 2 * (P_T - VC) + A + 6 * P_tm, 2: 2 * P_T + A + 2 * VC + S * P_S, 3: S * P_S}[step]
+    formula = {1: "2(P_T-VC) + A + 6 P_tm", 2: f"2 P_T + A + 2 VC + {S} P_S", 3: f"{S} P_S"}[step]
     return flops, formula, dict(P_T=P_T, P_S=P_S, P_tm=P_tm, VC=VC, A=A)
 
 
@@ -309,12 +321,13 @@ def train_step(args, step, device):
     rank, world, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
     (tcfg, scfg), big = distill.on_rank0(lambda: random_weights(args, step, device))
     tsd, ssd = big or ({}, {})  # the other ranks receive the weights while sharding
-    cfg = train_config(args, step, world)
-    teacher = distill.shard_teacher(tcfg, tsd, device) if tcfg else None
-    model = distill.shard_student(scfg, ssd, step, device, cfg.ckpt_act, cuda and args.compile)
+    teacher_params = sum(v.numel() for v in tsd.values()) if tcfg else 0
+    cfg = train_config(args, step, world, scfg, distill.activation_budget(device, scfg, teacher_params, step, world))
+    teacher = distill.shard_teacher(tcfg, tsd, device, cfg.compile) if tcfg else None
+    model = distill.shard_student(scfg, ssd, step, device, cfg.ckpt_act, cfg.compile)
     del tsd, ssd, big
     params, opt = distill.make_optimizer(model, cfg.lr)
-    flops, formula, terms = flops_per_token(tcfg or MODEL_SHAPES[args.shape], scfg, step, cfg.ctx)
+    flops, formula, terms = flops_per_token(tcfg or MODEL_SHAPES[args.shape], scfg, step, cfg.ctx, cfg.ckpt_act)
     ceiling = matmul_tflops(device) if cuda else float("nan")
     if cuda:  # the peak of training, not of building the full weights on the device
         torch.cuda.empty_cache()
@@ -341,7 +354,7 @@ def train_step(args, step, device):
     mfu = tps * flops / (ceiling * 1e12)
     if rank == 0:
         print(f"bench step {step} shape {args.shape}: {world} device(s), batch {cfg.batch} × ctx {cfg.ctx}, "
-              f"micro {cfg.micro}, compile {cuda and args.compile}: "
+              f"micro {cfg.micro}, act-ckpt {cfg.ckpt_act}, compile {cfg.compile}: "
               f"{tps:,.0f} tokens/s per device, {dt * 1e3:.0f} ms/update, peak memory {mem:.1f} GiB, "
               f"{flops / 1e9:.2f} GFLOP/token, matmul ceiling {ceiling:.0f} TFLOP/s, MFU {100 * mfu:.1f}%\n"
               f"  FLOP/token = {formula}: " + ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in terms.items())
@@ -563,8 +576,9 @@ def parse_args(argv=None):
                    help="sequences per update over all devices (default: one micro-batch per device)")
     t.add_argument("--micro-batch", type=positive(int), help="sequences per forward on one device")
     t.add_argument("--updates", type=positive(int), default=8, help="timed updates (after 2 warm-up updates)")
-    t.add_argument("--compile", action="store_true", help="torch.compile each block (GPU)")
-    t.add_argument("--no-ckpt-act", action="store_true", help="no activation checkpointing")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile every block (default: on a GPU)")
+    t.add_argument("--ckpt-act", action=argparse.BooleanOptionalAction,
+                   help="activation checkpointing (default: distill.fit_micro's choice on a GPU, the paper's on a CPU)")
     t.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels.py backend of every time-mix (auto: triton on CUDA, torch elsewhere)")
     t.add_argument("--seed", type=int, default=0)

@@ -56,8 +56,10 @@ from teacher import Teacher
 
 # The paper's recipe at 7B (docs/method.md §6-§8). tokens: the 7B budget, scaled to the teacher by
 # token_budget(). batch: sequences per update over all devices, reached by gradient accumulation
-# of micro (at most this many sequences per forward on one GPU; step_config takes the largest
-# divisor of the per-device rows), so that it does not depend on the number of GPUs.
+# of micro-batches, so that it does not depend on the number of GPUs. micro, ckpt_act: sequences
+# per forward on one device and activation checkpointing; on a GPU fit_micro fills the memory
+# instead (never below micro), on a CPU step_config takes the largest divisor of the per-device
+# rows up to micro.
 STEPS = {
     1: dict(tokens=100e6, ctx=512, batch=32, micro=8, lr=1e-3, lr_end=1e-5, ckpt_act=False),
     2: dict(tokens=500e6, ctx=512, batch=96, micro=8, lr=1e-5, lr_end=1e-5, ckpt_act=True),
@@ -69,6 +71,11 @@ STEPS = {
 STEP3_UPDATES = 60
 WARMUP = 50            # updates, lr × (0.01 + 0.99·u/50) (docs/method.md §6)
 PAPER_PARAMS = 7.6e9   # Qwen2.5-7B, the teacher the budgets above were measured on
+# Activation memory of one training token, per block and channel of the student, in bytes: what
+# torch.cuda.max_memory_allocated gave for RAD-RWKV7 at the SmolLM2-135M shape on an H200, eager (a
+# compiled block keeps about a third less) (docs/results.md, Training throughput). With activation
+# checkpointing a block keeps only its bf16 input, and one block at a time holds all of its own.
+ACT_BYTES = 128
 # The CPU demo (`python distill.py` without a GPU, --tokens, --ctx or --batch): sized to show the
 # pipeline end to end in minutes; it is not a conversion.
 DEMO = {1: dict(tokens=20 * 8 * 128, ctx=128, batch=8),
@@ -89,6 +96,7 @@ class StepConfig:
     updates: int      # optimizer updates of the step
     warmup: int       # updates of linear warmup
     ckpt_act: bool    # activation checkpointing of every block
+    compile: bool     # torch.compile of every block (teacher and student)
     demo: bool        # the CPU demo's sizes
     eval_windows: int  # held-out windows of ctx tokens per evaluation
 
@@ -108,10 +116,30 @@ def multiples(n, world):
     return f"{lo} or {lo + world}" if lo else str(world)
 
 
-def step_config(args, step, world, n_params, cuda, window=None) -> StepConfig:
+def activation_bytes(scfg, ctx, ckpt_act):
+    """Bytes of training activations per sequence of ctx tokens on one device (ACT_BYTES)."""
+    L, C = scfg.n_layers, scfg.hidden_size
+    return ctx * C * (ACT_BYTES + (2 * L if ckpt_act else ACT_BYTES * L))
+
+
+def fit_micro(rows, ctx, scfg, free, ckpt_act, paper):
+    """The micro-batch that fills a GPU with `free` bytes for activations. Activation checkpointing:
+    ckpt_act when a flag set it; else none when all the rows fit without it (one forward per
+    update), else the paper's choice for the step. Then the largest divisor of the rows whose
+    activations fit, and at least the paper's micro-batch (activation_bytes errs on the large side:
+    what fits by it surely fits). paper: the step's STEPS entry. Returns (micro, ckpt_act)."""
+    fits = lambda m, ckpt: m * activation_bytes(scfg, ctx, ckpt) <= free  # noqa: E731
+    if ckpt_act is None:
+        ckpt_act = paper["ckpt_act"] and not fits(rows, False)
+    return max(m for m in range(1, rows + 1) if rows % m == 0 and (m <= paper["micro"] or fits(m, ckpt_act))), ckpt_act
+
+
+def step_config(args, step, world, n_params, cuda, window=None, scfg=None, free=None) -> StepConfig:
     """Every flag the user set wins; the rest comes from the paper (STEPS, its token budget scaled
     to the teacher) or, on a CPU without --tokens, --ctx or --batch, from the demo (DEMO). window:
-    the teacher's context window, which a default ctx is capped at and --ctx may not pass."""
+    the teacher's context window, which a default ctx is capped at and --ctx may not pass. On a GPU
+    (free: bytes of its memory for activations, scfg: the student's config) the micro-batch and
+    activation checkpointing fill the memory (fit_micro) unless set."""
     demo = not cuda and args.tokens is None and args.ctx is None and args.batch is None
     d = {**STEPS[step], **(DEMO[step] if demo else {"tokens": token_budget(step, n_params)})}
     tokens, ctx = args.tokens or d["tokens"], args.ctx or d["ctx"]
@@ -127,12 +155,17 @@ def step_config(args, step, world, n_params, cuda, window=None) -> StepConfig:
         what = f"--batch {batch}" if args.batch else f"step {step}'s default batch of {batch} sequences"
         raise Fail(f"{what} is not a multiple of the {world} devices: pass --batch {multiples(batch, world)}")
     rows = batch // world  # sequences per device and update
+    ckpt_act, fill = args.ckpt_act, free is not None and not demo
     if args.micro_batch:   # as asked, or all the rows when it asks for more
         micro = min(args.micro_batch, rows)
         if rows % micro:
             *fits, last = [str(m) for m in range(1, rows + 1) if rows % m == 0]
             raise Fail(f"--micro-batch {micro} does not divide the {rows} sequences each device takes per update "
                        f"(--batch {batch}): pass --micro-batch {', '.join(fits)} or {last}")
+        if fill and ckpt_act is None:
+            ckpt_act = d["ckpt_act"] and micro * activation_bytes(scfg, ctx, False) > free
+    elif fill:
+        micro, ckpt_act = fit_micro(rows, ctx, scfg, free, ckpt_act, STEPS[step])
     else:  # the largest divisor of the rows up to the step's micro-batch (the demo: one forward per device)
         micro = max(m for m in range(1, min(rows, d["micro"] if not demo else rows) + 1) if rows % m == 0)
     # --lr moves the whole schedule: lr_end keeps its ratio to the peak
@@ -140,7 +173,8 @@ def step_config(args, step, world, n_params, cuda, window=None) -> StepConfig:
     updates = max(1, math.ceil(tokens / (batch * ctx)))
     # the paper's 50 warmup updates of ~6k; at most a tenth of a short run, so that it reaches its peak
     return StepConfig(step, ctx, batch, micro, rows // micro, lr, lr_end, updates,
-                      min(WARMUP, updates // 10), d["ckpt_act"] and not args.no_ckpt_act, demo,
+                      min(WARMUP, updates // 10), d["ckpt_act"] if ckpt_act is None else ckpt_act,
+                      cuda and args.compile is not False, demo,
                       args.eval_windows or max(16 if demo else 64, world))
 
 
@@ -204,9 +238,11 @@ def parse_args(argv=None):
                        "(without it, a fresh run refuses to write over one)")
     p.add_argument("--stop-at", type=positive(int), metavar="UPDATE",
                    help="stop after this update with a checkpoint (split a run)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU; off by default: "
-                   "slower in the timings of docs/results.md, and it fails at step 1)")
-    p.add_argument("--no-ckpt-act", action="store_true", help="no activation checkpointing")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile every block (default: on a GPU; the first update compiles for a minute)")
+    p.add_argument("--ckpt-act", action=argparse.BooleanOptionalAction,
+                   help="activation checkpointing (default: on a GPU where a full micro-batch does not fit "
+                        "without it, see fit_micro; on a CPU as the paper: steps 2 and 3)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="kernels.py backend of every time-mix (auto: triton on CUDA, torch elsewhere); "
                    "rerun with torch to check the Triton kernels on a real run")
@@ -495,12 +531,47 @@ def _logprobs(h, W):
     return F.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
 
 
-def _chunk_loss(h, W, y, hT, WT):
-    logp = _logprobs(h, W)                                                       # student (m, V)
-    if hT is None:
-        return F.nll_loss(logp, y, reduction="sum")
-    logq = _logprobs(hT, WT)                                                     # teacher (m, V)
-    return F.kl_div(logp, logq, log_target=True, reduction="sum")               # Σ q (log q − log p)
+def logit_grad(z, target):
+    """One chunk of the head's loss and its gradient: student logits z (m, V) against the teacher's
+    logits (m, V) or the next tokens (m,). Returns (Σ_rows loss, ∂loss/∂z (m, V)), in at least fp32:
+    KL(q‖p) = Σ q (log q − log p) has ∂/∂z = p − q, and −log p_y has p − onehot(y)."""
+    logp = F.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+    p = logp.exp()
+    if target.dtype == torch.long:
+        return -logp.gather(1, target[:, None]).sum(), p.scatter_add(1, target[:, None], -torch.ones_like(p[:, :1]))
+    logq = F.log_softmax(target.to(logp.dtype), dim=-1)
+    q = logq.exp()
+    return (q * (logq - logp)).sum(), p - q
+
+
+class HeadLoss(torch.autograd.Function):
+    """Token-mean loss of the LM head whose gradients are made in the forward, chunk by chunk, from
+    logit_grad: ∂/∂h = G W and ∂/∂W = Gᵀ h for each chunk's G = ∂loss/∂z, so that the (m, V) logits
+    are computed once and never kept for a backward (docs/method.md §7)."""
+
+    @staticmethod
+    def forward(ctx, h, W, y, hT, WT, chunk, grad_fn):
+        M = h.shape[0]
+        need_h, need_W = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(h) if need_h else None
+        dW = torch.zeros(W.shape, device=W.device, dtype=torch.promote_types(W.dtype, torch.float32)) if need_W else None
+        loss = 0
+        for i in range(0, M, chunk):
+            j = slice(i, i + chunk)
+            total, G = grad_fn(h[j] @ W.T, y[j] if hT is None else hT[j] @ WT.T)
+            loss, G = loss + total, (G / M).to(h.dtype)
+            if need_h:
+                dh[j] = G @ W
+            if need_W:
+                dW += (G.T @ h[j]).to(dW.dtype)
+        ctx.save_for_backward(dh, None if dW is None else dW.to(W.dtype))
+        return loss / M
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dW = ctx.saved_tensors
+        return (None if dh is None else dh * grad.to(dh.dtype), None if dW is None else dW * grad.to(dW.dtype),
+                None, None, None, None, None)
 
 
 def _chunk_stats(h, W, y, hT, WT):
@@ -517,21 +588,20 @@ def _chunk_stats(h, W, y, hT, WT):
                         (logp.argmax(-1) == logq.argmax(-1)).sum().to(zero), n])
 
 
-def head_loss(h, W, y, hT=None, WT=None, stats=False, chunk=None):
+def head_loss(h, W, y, hT=None, WT=None, stats=False, chunk=None, grad_fn=logit_grad):
     """Token-mean loss of the LM head on final-normed h (M, C): KL(p_T‖p_S) to the teacher's head
-    (hT (M, C) final-normed, WT (V, C)), or cross-entropy on the targets y (M,) without one; with
-    stats=True the sums of _chunk_stats instead. In chunks of tokens so that no (M, V) fp32 logits
-    exist: each chunk's logits → log_softmax → loss (the teacher's too) is recomputed in backward
-    (torch.utils.checkpoint), so memory is one chunk's logits (~512 MiB at V=152k)."""
+    (hT (M, C) final-normed, WT (V, C)), or cross-entropy on the targets y (M,) without one (HeadLoss;
+    grad_fn: logit_grad, or a compiled copy of it); with stats=True the sums of _chunk_stats
+    instead. In chunks of tokens so that no (M, V) fp32 logits exist: memory is one chunk's logits
+    and their gradient (~512 MiB each at V=152k)."""
     M, chunk = h.shape[0], chunk or max(1, 2 ** 27 // W.shape[0])
-    fn = _chunk_stats if stats else _chunk_loss
+    if not stats:
+        return HeadLoss.apply(h, W, y, hT, WT, chunk, grad_fn)
     total = 0
     for i in range(0, M, chunk):
         j = slice(i, i + chunk)
-        yj, hTj = (None if t is None else t[j] for t in (y, hT))
-        total = total + (fn(h[j], W, yj, hTj, WT) if stats else
-                         checkpoint(fn, h[j], W, yj, hTj, WT, use_reentrant=False))
-    return total if stats else total / M
+        total = total + _chunk_stats(h[j], W, y[j], None if hT is None else hT[j], WT)
+    return total
 
 
 class Distill(nn.Module):
@@ -540,9 +610,10 @@ class Distill(nn.Module):
     the three steps; shard_student registers each as an FSDP forward."""
     LOSSES = ("alignment_loss", "distill_loss", "ce_loss", "eval_sums")
 
-    def __init__(self, student):
+    def __init__(self, student, compile_=False):
         super().__init__()
         self.student = student
+        self.grad_fn = torch.compile(logit_grad) if compile_ else logit_grad  # the head's elementwise work, fused
 
     def alignment_loss(self, taps):
         """Step 1 (docs/method.md §6). taps = the teacher's per-layer [(x, y_T)], each (B, T, C);
@@ -561,11 +632,11 @@ class Distill(nn.Module):
     def distill_loss(self, x, hT, WT):
         """Step 2 (docs/method.md §7): token-mean KL(p_T‖p_S) on x (B, T), the teacher's head given
         by hT (B·T, C) final-normed and WT (V, C)."""
-        return head_loss(self._normed_hidden(x), self.student.lm_head.weight, None, hT, WT)
+        return head_loss(self._normed_hidden(x), self.student.lm_head.weight, None, hT, WT, grad_fn=self.grad_fn)
 
     def ce_loss(self, x, y):
         """Step 3 (docs/method.md §8): token-mean cross-entropy of the next tokens y (B, T)."""
-        return head_loss(self._normed_hidden(x), self.student.lm_head.weight, y.flatten())
+        return head_loss(self._normed_hidden(x), self.student.lm_head.weight, y.flatten(), grad_fn=self.grad_fn)
 
     def eval_sums(self, x, y, hT=None, WT=None):
         """The held-out sums of _chunk_stats on x, y (B, T), against the teacher's head if given."""
@@ -612,9 +683,9 @@ def mixed_precision(device):
     return MixedPrecisionPolicy()
 
 
-def shard_teacher(tcfg, sd, device):
-    """The frozen teacher: built on meta, bf16 on GPU, sharded per block with its own root;
-    never in the optimizer, run under torch.no_grad()."""
+def shard_teacher(tcfg, sd, device, compile_=False):
+    """The frozen teacher: built on meta, bf16 on GPU, each block compiled if asked and sharded,
+    with its own root; never in the optimizer, run under torch.no_grad()."""
     mp = mixed_precision(device)
     with torch.device("meta"):
         t = Teacher(tcfg)
@@ -622,6 +693,8 @@ def shard_teacher(tcfg, sd, device):
     if device.type == "cuda":
         t.to(torch.bfloat16)  # frozen: no master weights to keep, bf16 storage is enough
     for block in t.layers:
+        if compile_:
+            block.compile()
         fully_shard(block, reshard_after_forward=True, mp_policy=mp)
     # Root = embed + final norm + lm_head (tied: one tensor). Kept gathered by an explicit
     # unshard() from the forward until after the student's backward: the KL chunks recompute the
@@ -644,7 +717,7 @@ def shard_student(scfg, sd, step, device, ckpt_act, compile_, freeze_mlp=False):
     activation checkpointing, compile, fully_shard bottom-up, to_empty, load (docs/method.md §11)."""
     mp = mixed_precision(device)
     with torch.device("meta"):
-        model = Distill(Student(scfg))
+        model = Distill(Student(scfg), compile_)
     s = model.student
     # what trains is set before fully_shard, which copies requires_grad into the sharded parameters
     s.requires_grad_(step != 1)
@@ -676,7 +749,8 @@ def shard_student(scfg, sd, step, device, ckpt_act, compile_, freeze_mlp=False):
 def make_optimizer(model, lr):
     """AdamW over the trainable parameters only (docs/method.md §6): (those parameters, optimizer)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return params, torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    fused = params[0].device.type == "cuda"  # one kernel for all the parameters instead of a few per tensor
+    return params, torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=fused)
 
 
 # ---------------------------------------------------------------- schedule
@@ -857,7 +931,7 @@ def train(args, cfg, model, teacher, opt, params, batches, val, out, meta, start
             except torch.OutOfMemoryError:
                 raise Fail(f"out of memory on rank {rank} in update {u} of step {cfg.step} (micro-batch "
                            f"{cfg.micro} × ctx {cfg.ctx}): lower --micro-batch (the global --batch stays, by "
-                           "accumulation)" + ("" if cfg.ckpt_act else " or drop --no-ckpt-act"), local=True) from None
+                           "accumulation)" + ("" if cfg.ckpt_act else " or pass --ckpt-act"), local=True) from None
             dist.all_reduce(loss)  # the mean over ranks (gloo has no AVG)
             loss /= world
             if not torch.isfinite(loss):  # before the update: the weights and last checkpoint stay good
@@ -884,9 +958,28 @@ def describe(cfg, world, cuda):
     return (f"step {cfg.step}: {cfg.updates} updates × {cfg.batch} seq × {cfg.ctx} tokens = "
             f"{cfg.updates * cfg.batch * cfg.ctx / 1e6:.2f}M tokens, lr {cfg.lr:g}→{cfg.lr_end:g}, {world} "
             f"device(s) × micro-batch {cfg.micro} × {cfg.accum} accumulation, "
-            f"{'bf16/fp32 master' if cuda else 'fp32'}, act-ckpt {cfg.ckpt_act}"
+            f"{'bf16/fp32 master' if cuda else 'fp32'}, act-ckpt {cfg.ckpt_act}, compile {cfg.compile}"
             + ("\nCPU demo: a few minutes to show the pipeline end to end, not a conversion "
                "(that is the GPU recipe: see README)" if cfg.demo else ""))
+
+
+def activation_budget(device, scfg, teacher, step, world):
+    """Bytes of GPU memory for activations, the same on every rank (the smallest): 90% of what is
+    free (or held now by this process's tensors), less what training holds besides them, sharded over the world: the bf16 teacher (2 bytes
+    per parameter; `teacher` parameters, 0 without one), the student's fp32 weights (4), the
+    gradients and AdamW moments of what trains (12; step 1: the time-mix only); and unsharded, one
+    gathered bf16 copy of the student (2) and 4 GiB for the LM head's chunks. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    with torch.device("meta"):
+        s = Student(scfg)
+    trains = [blk.time_mix for blk in s.layers] if step == 1 else [s]
+    P_S, P_train = (sum(p.numel() for m in ms for p in m.parameters()) for ms in ([s], trains))
+    held = (2 * teacher + 4 * P_S + 12 * P_train) / world + 2 * P_S + 2 ** 32
+    mine = torch.cuda.memory_allocated(device)  # full weights on their way to be sharded (bench.py): not kept
+    free = torch.tensor(0.9 * (torch.cuda.mem_get_info(device)[0] + mine) - held, device=device)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return max(free.item(), 0.0)
 
 
 def run_step(args, step, rank, world, device):
@@ -898,7 +991,8 @@ def run_step(args, step, rank, world, device):
     (tcfg, scfg, n_params), big = on_rank0(lambda: read_weights(args, step))
     tsd, ssd, tok = big or ({}, {}, None)  # the other ranks receive the weights while sharding
     window = (tcfg or scfg).max_seq_len   # the student carries its teacher's window into step 3
-    cfg = step_config(args, step, world, n_params, cuda, window)
+    free = activation_budget(device, scfg, n_params if tcfg else 0, step, world)
+    cfg = step_config(args, step, world, n_params, cuda, window, scfg, free)
     if rank == 0:
         print(describe(cfg, world, cuda))
         if not args.ctx and not cfg.demo and cfg.ctx < STEPS[step]["ctx"]:
@@ -907,8 +1001,8 @@ def run_step(args, step, rank, world, device):
     if inputs["data"] is None:  # the default corpus was prepared just now
         inputs, _ = on_rank0(lambda: (fingerprints(args, step), None))
     # shard, then the optimizer over the trainable parameters only
-    teacher = shard_teacher(tcfg, tsd, device) if tcfg else None
-    model = shard_student(scfg, ssd, step, device, cfg.ckpt_act, cuda and args.compile, args.freeze_mlp)
+    teacher = shard_teacher(tcfg, tsd, device, cfg.compile) if tcfg else None
+    model = shard_student(scfg, ssd, step, device, cfg.ckpt_act, cfg.compile, args.freeze_mlp)
     del tsd, ssd, big  # rank 0's full copies
     params, opt = make_optimizer(model, cfg.lr)
     meta = dict(step_kind=step, total=cfg.updates, batch=cfg.batch, ctx=cfg.ctx, lr=cfg.lr, seed=args.seed,

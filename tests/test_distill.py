@@ -21,7 +21,8 @@ import data as data_lib
 import distill
 import teacher as teacher_lib
 from conftest import (ROOT, distill_flags, distill_run, logged_evals, logged_losses, rel_err, tiny_hf_teacher)
-from model import Student
+from model import Student, StudentConfig
+from teacher import TeacherConfig
 
 
 def fails(capsys, *argv):
@@ -193,6 +194,35 @@ def test_default_steps_fit_any_gpu_count(world):
                 assert (cfg.ctx, cfg.batch, cfg.updates) == tuple(step3.values()), cfg
             else:
                 assert (cfg.ctx, cfg.batch) == (512, distill.STEPS[step]["batch"]), cfg
+
+
+@pytest.mark.parametrize("step, world, flags, free, expect", [
+    # (micro, act-ckpt, compile); a SmolLM2-135M student at ctx 512: a sequence's activations are
+    # 512·576·128·31 B ≈ 1.17 GB without checkpointing, 512·576·(128 + 2·30) B ≈ 55 MB with it
+    (2, 1, [], 1e12, (96, False, True)),                 # the whole update fits: one forward, no ckpt
+    (2, 2, [], 1e12, (48, False, True)),                 # per device
+    (2, 1, [], 2e9, (32, True, True)),                   # the paper's ckpt; 36 sequences fit → 32 | 96
+    (2, 1, [], 0, (8, True, True)),                      # never below the paper's micro-batch
+    (1, 1, [], 5e9, (8, False, True)),                   # 4 fit; the paper's 8 stays
+    (1, 1, [], 1e12, (32, False, True)),
+    (2, 1, ["--micro-batch", "16"], 1e12, (16, False, True)),
+    (2, 1, ["--micro-batch", "16"], 1e9, (16, True, True)),   # 16 sequences need ckpt to fit
+    (2, 1, ["--ckpt-act", "--no-compile"], 1e12, (96, True, False)),
+    (2, 1, ["--no-ckpt-act"], 0, (8, False, True)),
+])
+def test_gpu_fills_memory(step, world, flags, free, expect):
+    """On a GPU the micro-batch and activation checkpointing follow the free memory (fit_micro);
+    flags win; torch.compile is on unless --no-compile."""
+    scfg = StudentConfig.from_teacher(TeacherConfig(), "rwkv7")
+    args = distill.parse_args(["--step", str(step), "--ctx", "512", *flags])
+    cfg = distill.step_config(args, step, world, 135e6, True, 8192, scfg, free)
+    assert (cfg.micro, cfg.ckpt_act, cfg.compile) == expect and cfg.batch == world * cfg.micro * cfg.accum
+
+
+def test_cpu_keeps_its_rules():
+    """On a CPU (free None) nothing is compiled and the paper's checkpointing stays."""
+    cfg = distill.step_config(distill.parse_args(["--step", "2", "--compile"]), 2, 1, 135e6, False, 8192)
+    assert (cfg.compile, cfg.ckpt_act, cfg.demo) == (False, True, True)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, before loading
