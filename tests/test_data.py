@@ -1,7 +1,9 @@
 """Tests of data.py: tokenisation against `tokenizers` directly, a Megatron bin/idx file written
 byte by byte here, held-out documents that no train window reaches in any input format, batch
 determinism over world sizes, exact resume, epochs without repeats, a failed run that leaves the
-previous folder as it was, and every bad input (one-line DataError; the CLI exits 2).
+previous folder as it was, every bad input (one-line DataError; the CLI exits 2), and text sampled
+from the teacher: its seeds against the chat template, its draws against a plain forward's softmax
+at the temperature, EOS cuts, dropped duplicates.
 
     python -m pytest -x -q tests/test_data.py
 """
@@ -400,9 +402,16 @@ def test_default_corpus_one_version_per_work():
     assert not any(n.endswith("_f.txt") for n in names)
 
 
-def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    """The default teacher's tokenizer, read once for this file (the SmolLM2 GGUF's metadata only)."""
+    from teacher import load_tokenizer
+    return load_tokenizer()
+
+
+def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys, smollm2_tok):
     teacher = pytest.importorskip("teacher")
-    real = teacher.load_tokenizer()  # the default SmolLM2 GGUF: metadata only
+    real = smollm2_tok
     monkeypatch.setattr(teacher, "load_tokenizer", lambda path=None: real)  # load once per test run
     (tmp_path / "a.txt").write_text(CORPUS[0], encoding="utf-8")
     (tmp_path / "b.txt").write_text(CORPUS[2] * 20, encoding="utf-8")
@@ -420,139 +429,208 @@ def test_cli_with_real_tokenizer(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- text sampled from the teacher, merged folders
 
-def expected_seeds(tok):
-    """The seeds written out by hand for conftest's tiny teacher (BOS, no add_bos, a ChatML template)."""
+CHATML_TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"   # conftest's CHATML, written out
+
+
+def expected_openings(tok):
+    """The openings written out by hand for conftest's tiny teacher (BOS, no add_bos, a ChatML template)."""
     assert tok.bos_id is not None and not tok.add_bos
     texts = ["<|im_start|>user\n", "The", "Once upon a time", "Question:", "def ", "# ", "Dear"]
     return [[tok.bos_id]] + [tok.encode(t) for t in texts]
+
+
+def test_generation_seeds_are_many_distinct_chat_turns(tiny_hf_llama, smollm2_tok):
+    from teacher import load_tokenizer
+    tok = load_tokenizer(tiny_hf_llama)
+    openings, turns = data.generation_seeds(tok)
+    asks = data.instructions()
+    assert openings == expected_openings(tok)
+    assert len(turns) == len(asks) >= 3000 and len(set(asks)) == len(asks)
+    assert len({tuple(s) for s in openings + turns}) == len(openings) + len(turns)
+    assert all("{" not in q and "}" not in q and q.strip() == q for q in asks)
+    # each turn is one user turn holding its instruction, through the start of the assistant's turn
+    assert [tok.decode(s) for s in turns] == [CHATML_TURN.format(q) for q in asks]
+    for k in range(0, len(asks), 397):   # the template itself, rendered and tokenised as one text
+        text = tok.chat_prompt([{"role": "user", "content": asks[k]}], add_generation_prompt=True)
+        assert turns[k] == tok.encode(text)
+    assert data.stop_ids(tok) == [tok.eos_id]   # ChatML's end of turn is EOS here
+    real = smollm2_tok   # a default system turn comes first
+    openings, turns = data.generation_seeds(real)
+    for k in (0, 1234, len(turns) - 1):
+        assert real.decode(turns[k]) == real.chat_prompt([{"role": "user", "content": asks[k]}])
+    assert real.decode(turns[0]).endswith("child.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_draw_seeds_alternates_instructions_and_openings():
+    rng = np.random.default_rng(5)
+    picks = [data.draw_seeds(rng, b, 10_000, 8, 5000) for b in range(4)]
+    for b, p in enumerate(picks):
+        assert ((p >= 8) == (b % 2 == 0)).all() and p.max() < 8 + 5000
+    asked, opened = np.concatenate(picks[::2]), np.concatenate(picks[1::2])
+    assert len(np.unique(asked)) > 4500   # 20,000 uniform draws of 5,000 instructions reach about 98% of them
+    assert np.bincount(opened, minlength=8).min() > 0.9 * len(opened) / 8   # openings: uniform
+    again = np.random.default_rng(5)
+    assert all(np.array_equal(p, data.draw_seeds(again, b, 10_000, 8, 5000)) for b, p in enumerate(picks))
+    assert (data.draw_seeds(rng, 0, 1000, 8, 0) < 8).all()   # no chat template: openings only
 
 
 def tv(p, q) -> float:
     return 0.5 * float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
 
 
-def test_generated_first_token_follows_the_teacher_softmax(tmp_path, tiny_hf_llama):
-    """doc_len=1, 100k rows per batch: the first sampled token's frequencies match softmax of the
-    logits of a plain Teacher.forward over the seed, and not a wrong temperature or position."""
+def test_first_token_follows_the_teacher_softmax_at_the_temperature(tiny_hf_llama):
+    """doc_len=1, seeds of two lengths in one batch (the shorter one samples while the other is still
+    fed its seed): the first new token's frequencies for each seed match softmax(logits / T) of a
+    plain Teacher.forward over that seed, and not another temperature or position."""
     from teacher import load_teacher
     model, tok = load_teacher(tiny_hf_llama)
-    seeds, V, rows = expected_seeds(tok), tok.vocab_size, 100_000
-    assert model.cfg.vocab_size > V   # the model's rows past the tokenizer's vocabulary must never be drawn
-    n = rows * (len(seeds[0]) + 2) + rows * (len(seeds[1]) + 2)   # two batches: BOS alone, the chat opening
-    data.generate(tiny_hf_llama, n, tmp_path / "g", batch=rows, doc_len=1, val_fraction=0, progress=False)
-    tokens = TokenData(tmp_path / "g").tokens.astype(np.int64)
-    assert len(tokens) == n
-    bound = 0.03   # sampling noise here is about 0.02
-    for s, docs in ((seeds[0], tokens[:rows * 3]), (seeds[1], tokens[rows * 3:])):
-        docs = docs.reshape(rows, len(s) + 2)
-        assert (docs[:, :len(s)] == s).all() and (docs[:, -1] == tok.eos_id).all()
+    short, long = expected_openings(tok)[0], expected_openings(tok)[6]   # BOS; "# ", 2 tokens
+    assert len(long) > 1 and model.cfg.vocab_size > tok.vocab_size   # rows past the vocabulary: never drawn
+    rows, T = 25_000, 0.7
+    seeds = [short, long] * rows
+    ids, lengths = data._sample_documents(model, seeds, 1, tok.vocab_size, [tok.eos_id], T,
+                                          torch.Generator().manual_seed(0))
+    bound = 0.05   # sampling noise here is about 0.035
+    for k, s in enumerate((short, long)):
+        docs, n = ids[k::2], lengths[k::2]
+        assert (docs[:, :len(s)] == torch.tensor(s)).all() and (n == len(s) + 1).all()
         freq = np.bincount(docs[:, len(s)], minlength=model.cfg.vocab_size) / rows
-        assert freq[V:].sum() == 0
+        assert freq[tok.vocab_size:].sum() == 0
         with torch.no_grad():
-            logits = model(torch.tensor([s]))[0, :, :V].double()
-        assert tv(freq[:V], logits[-1].softmax(-1)) < bound
-        for T in (0.8, 1.25):   # the test would see a wrong temperature ...
-            assert tv(freq[:V], (logits[-1] / T).softmax(-1)) > bound
-        if len(s) > 1:          # ... or the logits of the wrong position
-            assert tv(freq[:V], logits[-2].softmax(-1)) > bound
+            logits = model(torch.tensor([s]))[0, :, :tok.vocab_size].double()
+        assert tv(freq[:tok.vocab_size], (logits[-1] / T).softmax(-1)) < bound
+        for wrong in (1.0, 0.55):   # the test would see a wrong temperature ...
+            assert tv(freq[:tok.vocab_size], (logits[-1] / wrong).softmax(-1)) > bound
+        if len(s) > 1:              # ... or the logits of the wrong position
+            assert tv(freq[:tok.vocab_size], (logits[-2] / T).softmax(-1)) > bound
 
 
-def test_kv_cache_continuation_matches_full_forward(tmp_path, tiny_hf_llama, monkeypatch):
-    """torch.multinomial replaced by Gumbel-max with recorded noise (a true sample, different per row):
-    each drawn token must be the argmax of log-softmax(Teacher.forward(document)) at its position
-    + that noise, so the cached decoding equals a full forward for every row and step."""
+def test_kv_cache_continuation_and_eos_cut_match_a_full_forward(tiny_hf_llama, monkeypatch):
+    """torch.multinomial replaced by Gumbel-max with recorded noise (a true sample, different per row),
+    EOS made likely (most of all in the rows of the longest seed): rows of seeds of four lengths; each
+    new token must be the argmax of log-softmax(Teacher.forward(row)) at its position + that step's
+    noise, and each row must end right after its first new EOS (or after doc_len new tokens), so that
+    the cached decoding of mixed seeds equals a full forward and no document goes on past its EOS.
+    Decoding must stop with the last row to end."""
     from teacher import load_teacher
     model, tok = load_teacher(tiny_hf_llama)
-    noise, g = [], torch.Generator().manual_seed(123)
+    noise, g, V = [], torch.Generator().manual_seed(123), tok.vocab_size
 
     def gumbel_max(probs, num_samples, generator=None):
         assert num_samples == 1 and isinstance(generator, torch.Generator)
-        assert torch.allclose(probs.sum(-1), torch.ones(len(probs)), atol=1e-5) and probs.shape[1] == tok.vocab_size
+        assert torch.allclose(probs.sum(-1), torch.ones(len(probs)), atol=1e-5) and probs.shape[1] == V
         z = -torch.log(-torch.log(torch.rand(probs.shape, generator=g, dtype=torch.float64)))
+        z[:, tok.eos_id] += eos_bias
         noise.append(z)
         return (probs.double().log() + z).argmax(-1, keepdim=True)
 
     monkeypatch.setattr(torch, "multinomial", gumbel_max)
-    seeds, doc_len, rows = expected_seeds(tok)[:3], 8, 6
-    n = sum(rows * (len(s) + doc_len + 1) for s in seeds)   # three batches: BOS, chat opening, "The"
-    data.generate(tiny_hf_llama, n, tmp_path / "g", batch=rows, doc_len=doc_len, val_fraction=0, progress=False)
-    tokens, pos, call = torch.from_numpy(TokenData(tmp_path / "g").tokens.astype(np.int64)), 0, 0
-    for s in seeds:
-        L = len(s) + doc_len + 1
-        docs, pos = tokens[pos:pos + rows * L].view(rows, L), pos + rows * L
-        assert len({tuple(d) for d in docs.tolist()}) > 1   # the rows differ
-        with torch.no_grad():
-            logp = model(docs[:, :-1])[..., :tok.vocab_size].double().log_softmax(-1)
-        for i in range(doc_len):
-            assert torch.equal(docs[:, len(s) + i], (logp[:, len(s) - 1 + i] + noise[call]).argmax(-1)), (s, i)
-            call += 1
-    assert pos == len(tokens) and call == len(noise)
-
-
-def expected_documents(seeds, n, batch, doc_len):
-    """Documents per seed (seed index -> count) and tokens of generate's schedule, written out here."""
-    counts, written, b = {}, 0, 0
-    while written < n:
-        k = b % len(seeds)
-        L = len(seeds[k]) + doc_len + 1
-        rows = min(batch, -(-(n - written) // L))
-        counts[k], written, b = counts.get(k, 0) + rows, written + rows * L, b + 1
-    return counts, written
+    openings, turns = data.generation_seeds(tok)
+    kinds = [openings[0], openings[1], openings[2], turns[7]]
+    seeds, doc_len = kinds * 6, 12
+    eos_bias = torch.tensor([2.5, 2.5, 2.5, 6.0] * 6, dtype=torch.float64)
+    ids, lengths = data._sample_documents(model, seeds, doc_len, V, [tok.eos_id], 1.0, torch.Generator())
+    start = min(map(len, seeds))
+    with torch.no_grad():
+        logp = model(ids)[..., :V].double().log_softmax(-1)
+    stopped = 0
+    for r, s in enumerate(seeds):
+        n = int(lengths[r])
+        assert ids[r, :len(s)].tolist() == s and len(s) < n <= len(s) + doc_len
+        for t in range(len(s), n):
+            assert ids[r, t] == (logp[r, t - 1] + noise[t - start][r]).argmax(), (r, t)
+        new = ids[r, len(s):n].tolist()
+        assert tok.eos_id not in new[:-1] and (new[-1] == tok.eos_id or n == len(s) + doc_len), (r, new)
+        stopped += new[-1] == tok.eos_id
+    assert 6 <= stopped < len(seeds)   # both kinds of ending happened
+    assert len({tuple(ids[r, :lengths[r]].tolist()) for r in range(len(seeds))}) > 4   # the rows differ
+    assert len(noise) == int(lengths.max()) - start < ids.shape[1] - start   # no step after the last row ended
 
 
 def split_documents(tokens, seeds, doc_len, eos):
-    """Cut a split into documents: each must start with a seed (told apart by its first token) and hold
-    doc_len tokens after it, then EOS. Returns seed index -> count."""
-    first = {s[0]: k for k, s in enumerate(seeds)}
-    assert len(first) == len(seeds)
-    counts, p, tokens = {}, 0, tokens.tolist()
+    """Cut a split into documents: each starts with one of the seeds (the longest that fits), then up to
+    doc_len new tokens through the first EOS after the seed (drawn, or added after doc_len tokens).
+    Returns (seed index, document as a tuple) for each."""
+    by_first = {}
+    for k, s in enumerate(seeds):
+        by_first.setdefault(s[0], []).append((k, s))
+    for group in by_first.values():
+        group.sort(key=lambda ks: len(ks[1]), reverse=True)
+    docs, p, tokens = [], 0, tokens.tolist()
     while p < len(tokens):
-        k = first[tokens[p]]
-        L = len(seeds[k]) + doc_len + 1
-        assert tokens[p:p + len(seeds[k])] == seeds[k] and tokens[p + L - 1] == eos, p
-        counts[k], p = counts.get(k, 0) + 1, p + L
-    assert p == len(tokens)
-    return counts
+        k, s = next((k, s) for k, s in by_first[tokens[p]] if tokens[p:p + len(s)] == s)
+        q = tokens.index(eos, p + len(s))
+        assert q - (p + len(s)) <= doc_len, p
+        docs.append((k, tuple(tokens[p:q + 1])))
+        p = q + 1
+    return docs
 
 
 def test_generated_folder(tmp_path, tiny_hf_llama):
     from teacher import load_tokenizer
     tok = load_tokenizer(tiny_hf_llama)
-    seeds, n, batch, doc_len = expected_seeds(tok), 600, 5, 6   # every seed once, some twice
+    openings, turns = data.generation_seeds(tok)
+    n, batch, doc_len = 1500, 5, 6
     meta = data.generate(tiny_hf_llama, n, tmp_path / "a", batch=batch, doc_len=doc_len, val_fraction=0.2, seed=1,
-                         progress=False)
+                         temperature=0.8, progress=False)
     g = meta["generated"]
-    assert g["seeds"] == [tok.decode(s) for s in seeds] and g["seeds"][:3] == ["<|endoftext|>", "<|im_start|>user\n", "The"]
-    assert (g["temperature"], g["doc_len"], g["batch"], g["seed"], g["teacher"]) == (1.0, doc_len, batch, 1, "hf_llama")
+    assert g["openings"] == [tok.decode(s) for s in openings]
+    assert g["openings"][:3] == ["<|endoftext|>", "<|im_start|>user\n", "The"]
+    assert (g["temperature"], g["doc_len"], g["batch"], g["seed"], g["teacher"]) == (0.8, doc_len, batch, 1, "hf_llama")
+    assert (g["instructions"], g["stops"]) == (len(turns), ["<|im_end|>"])
     assert g["tokens_per_s"] > 0 and meta["inputs"] == [str(tiny_hf_llama)]
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["dtype"] == "uint16"
-    want_counts, want_tokens = expected_documents(seeds, n, batch, doc_len)
-    assert n <= want_tokens < n + batch * max(map(len, seeds)) + batch * (doc_len + 1)
     train, val = TokenData(tmp_path / "a"), TokenData(tmp_path / "a", "val")
-    got = {}
+    found = []
     for d in (train, val):
         d.check_tokenizer(tok)   # distill.py accepts the folder for this teacher
-        assert meta["splits"][d.split]["documents"] == sum(split_documents(d.tokens, seeds, doc_len, tok.eos_id).values())
-        for k, c in split_documents(d.tokens, seeds, doc_len, tok.eos_id).items():
-            got[k] = got.get(k, 0) + c
-    assert got == want_counts and len(train) + len(val) == want_tokens
-    assert 0.1 < len(val) / want_tokens < 0.3
+        split = split_documents(d.tokens, openings + turns, doc_len, tok.eos_id)
+        assert meta["splits"][d.split]["documents"] == len(split)
+        found += split
+    docs = [doc for _, doc in found]
+    total = len(train) + len(val)
+    assert n <= total < n + batch * (max(map(len, turns)) + doc_len + 1)
+    assert len(set(docs)) == len(docs) == g["sampled"] - g["duplicates"]
+    asked = sum(k >= len(openings) for k, _ in found)   # instructions and openings, many seeds
+    assert 0.3 < asked / len(docs) < 0.7 and g["seeds_used"] == len({k for k, _ in found}) > 20
+    assert 0.1 < len(val) / total < 0.3
     for folder, seed in (("b", 1), ("c", 2)):
         data.generate(tiny_hf_llama, n, tmp_path / folder, batch=batch, doc_len=doc_len, val_fraction=0.2, seed=seed,
-                      progress=False)
+                      temperature=0.8, progress=False)
     for f in ("train.bin", "val.bin"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     assert np.fromfile(tmp_path / "a" / "train.bin", np.uint16).tolist() != \
         np.fromfile(tmp_path / "c" / "train.bin", np.uint16).tolist()
 
 
+def test_duplicates_are_dropped_and_counted(tmp_path, tiny_hf_llama, monkeypatch):
+    """A greedy teacher writes one document per seed: every second draw of a seed is a duplicate."""
+    from teacher import load_tokenizer
+    tok = load_tokenizer(tiny_hf_llama)
+    openings, turns = data.generation_seeds(tok)
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: probs.argmax(-1, keepdim=True))
+    drawn, draw = [], data.draw_seeds
+    monkeypatch.setattr(data, "draw_seeds", lambda *a: drawn.append(draw(*a)) or drawn[-1])
+    meta = data.generate(tiny_hf_llama, 600, tmp_path / "g", batch=16, doc_len=3, val_fraction=0, progress=False)
+    g, picks = meta["generated"], np.concatenate(drawn)
+    docs = [doc for _, doc in split_documents(TokenData(tmp_path / "g").tokens, openings + turns, 3, tok.eos_id)]
+    assert g["sampled"] == len(picks) and len(docs) == len(set(docs)) == len(np.unique(picks)) == g["seeds_used"]
+    assert g["duplicates"] == len(picks) - len(docs) > 0
+    # a teacher that only repeats itself: an error, not an endless loop
+    monkeypatch.setattr(data, "generation_seeds", lambda tok: ([[tok.bos_id]], []))
+    with pytest.raises(DataError, match="all duplicates.*raise it"):
+        data.generate(tiny_hf_llama, 600, tmp_path / "h", batch=64, doc_len=3, val_fraction=0, progress=False)
+    assert not (tmp_path / "h").exists()
+
+
 def test_generate_cli(tmp_path, tiny_hf_llama, capsys):
     data.main(["--generate", "3e2", "--teacher", str(tiny_hf_llama), "--out", str(tmp_path / "g"),
-               "--gen-batch", "4", "--doc-len", "5", "--device", "cpu", "--val-fraction", "0.1", "--seed", "3"])
+               "--gen-batch", "4", "--doc-len", "5", "--device", "cpu", "--val-fraction", "0.1", "--seed", "3",
+               "--temperature", "0.5"])
     printed = capsys.readouterr().out
-    assert "hf_llama samples ->" in printed and "tokens/s" in printed and "held out" not in printed
+    assert "hf_llama samples (0 duplicates dropped" in printed and "tokens/s" in printed and "held out" not in printed
     g = json.loads((tmp_path / "g" / "meta.json").read_text())["generated"]
-    assert (g["doc_len"], g["batch"], g["seed"]) == (5, 4, 3)
+    assert (g["doc_len"], g["batch"], g["seed"], g["temperature"]) == (5, 4, 3, 0.5)
     out = ["--out", str(tmp_path / "e")]
     teacher = ["--teacher", str(tiny_hf_llama)]
     cases = [(["--generate", "2.5"] + teacher, "must be a whole number"),
@@ -561,6 +639,9 @@ def test_generate_cli(tmp_path, tiny_hf_llama, capsys):
              (["--generate", "1000", "--doc-len", "0"] + teacher, "--doc-len 0"),
              (["--generate", "1000", "--gen-batch", "0"] + teacher, "--gen-batch 0"),
              (["--generate", "1000", "--val-fraction", "1"] + teacher, "val-fraction"),
+             (["--generate", "1000", "--temperature", "0"] + teacher, "--temperature 0.0 must be positive"),
+             (["--generate", "1000", "--temperature", "nan"] + teacher, "--temperature nan must be positive"),
+             (["--generate", "1000", "--seed", "-1"] + teacher, "--seed -1 must be 0 or more"),
              (["--generate", "1000", "--doc-len", "300"] + teacher, "lower --doc-len"),   # past max_seq_len 256
              (["--generate", "1000", "--doc-len", "5", "--teacher", str(tmp_path / "nope")], "does not exist")]
     for args, msg in cases:
