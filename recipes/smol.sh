@@ -8,9 +8,12 @@
 #
 # Environment: TEACHER (a .gguf or HF folder; default: the embedded one), RUNS (default runs/smol),
 # token budgets GEN, S1, S2, S3 (main run) and A1, A2 (ablations), VARIANT (the main run's mixer,
-# rwkv7 by default), FLAGS (extra distill.py flags, e.g. --compile). Pick the GPU with
-# CUDA_VISIBLE_DEVICES. Every run evaluates the student on both held-out sets (Shakespeare and
-# teacher-generated) with evaluate.py into RUNS/NAME/eval_stepN.json.
+# rwkv7 by default), FLAGS (extra distill.py flags, e.g. --no-compile). Pick the GPU with
+# CUDA_VISIBLE_DEVICES (`data 0 0` samples both halves on one GPU). Every run evaluates the student on
+# both held-out sets (Shakespeare and teacher-generated) with evaluate.py into RUNS/NAME/eval_stepN.json;
+# the main run also scores student and teacher on the benchmark suite (SUITE=0 skips it) into
+# RUNS/NAME/suite_step3.json. distill.py picks each step's micro-batch and activation checkpointing
+# to fill the GPU.
 set -euo pipefail
 TEACHER=${TEACHER:-$(python3 -c "import teacher; print(teacher.default_teacher_path())")}
 RUNS=${RUNS:-runs/smol}
@@ -18,7 +21,7 @@ D=$RUNS/data
 # Step 2's lr: the paper's 1e-5 is for a 7B student over ~5k updates; a 135M student given a few
 # hundred updates moves too little at that rate (docs/method.md §12).
 STEP2=(--lr 1e-4)
-COMMON=(--teacher "$TEACHER" --ctx 512 --batch 32 --micro-batch 16 ${FLAGS:-})
+COMMON=(--teacher "$TEACHER" --ctx 512 ${FLAGS:-})
 
 distill() {  # name step data tokens [flags]
   local name=$1 step=$2 data=$3 tokens=$4
@@ -46,11 +49,15 @@ data)  # the two halves sample with other seeds on two GPUs, then one folder eac
   ;;
 main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teacher's window is 8192)
   name=${2:-main}
-  distill "$name" 1 "$D/both" "${S1:-2e6}" --variant "${VARIANT:-rwkv7}"
-  distill "$name" 2 "$D/both" "${S2:-6e6}" "${STEP2[@]}"
-  distill "$name" 3 "$D/both" "${S3:-1e6}" --ctx 4096 --batch 8 --micro-batch 4 "${STEP2[@]}"
+  distill "$name" 1 "$D/both" "${S1:-4e6}" --batch 32 --variant "${VARIANT:-rwkv7}"
+  distill "$name" 2 "$D/both" "${S2:-25e6}" --batch 96 "${STEP2[@]}"
+  distill "$name" 3 "$D/both" "${S3:-2e6}" --ctx 4096 --batch 8 "${STEP2[@]}"
   evaluate "$name" 2
   evaluate "$name" 3
+  if [ "${SUITE:-1}" != 0 ]; then
+    python3 evaluate.py --student "$RUNS/$name/step3/student" --teacher "$TEACHER" --tasks paper --batch 64 \
+      --json "$RUNS/$name/suite_step3.json"
+  fi
   for p in "What is the capital of France?" "Write a short poem about the sea." \
            "Give me three tips for staying focused while studying."; do
     python3 sample.py --ckpt "$RUNS/$name/step3/student" --teacher "$TEACHER" --compare --chat --prompt "$p" \
@@ -59,6 +66,7 @@ main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teach
   ;;
 ablation)  # everything as in `base` except one thing
   name=${2:?ablation name: base skip1 freeze rwkv6 shakespeare generated}
+  COMMON+=(--batch 32)   # as in the ablation table of docs/results.md
   case $name in
     base)        distill base 1 "$D/both" "${A1:-1e6}"
                  distill base 2 "$D/both" "${A2:-2e6}" "${STEP2[@]}" ;;
