@@ -10,7 +10,8 @@ Each step starts from the previous one's student in --out (out/step1/student -> 
 In this file `step` is always one of these three; one optimizer step is an `update`.
 
     python distill.py                                    # CPU: a short demo of steps 1, 2, 3
-    torchrun --nproc_per_node=8 distill.py --step 1      # then --step 2, --step 3 (GPU recipe)
+    python distill.py                                    # GPU: the embedded teacher converted (EMBEDDED)
+    torchrun --nproc_per_node=8 distill.py --step 1 --teacher T --data D   # then --step 2, --step 3
     python distill.py --step 2 --resume                  # continue from out/step2/ckpt
     python distill.py --step 2 --overwrite               # start step 2 again, deleting the earlier run
 
@@ -76,6 +77,15 @@ PAPER_PARAMS = 7.6e9   # Qwen2.5-7B, the teacher the budgets above were measured
 # compiled block keeps about a third less) (docs/results.md, Training throughput). With activation
 # checkpointing a block keeps only its bf16 input, and one block at a time holds all of its own.
 ACT_BYTES = 128
+# The GPU default for the embedded teacher (`python distill.py` on a GPU without --teacher, --data,
+# --tokens, --ctx or --batch): the conversion of docs/results.md, 9.5 minutes on one H200. Data: the
+# shipped corpus and GEN_TOKENS sampled from the teacher (made once, into MIX_DIR). Step 2 and 3
+# at a flat lr 1e-4, as a 135M student needs with few updates (docs/method.md §12).
+EMBEDDED = {1: dict(tokens=2e6, batch=32),
+            2: dict(tokens=16e6, batch=96, lr=1e-4, lr_end=1e-4),
+            3: dict(tokens=1e6, ctx=4096, batch=8, lr=1e-4, lr_end=1e-4)}
+GEN_TOKENS = 3e6
+GEN_DIR, MIX_DIR = data_lib.DEFAULT_DIR.parent / "generated", data_lib.DEFAULT_DIR.parent / "default+generated"
 # The CPU demo (`python distill.py` without a GPU, --tokens, --ctx or --batch): sized to show the
 # pipeline end to end in minutes; it is not a conversion.
 DEMO = {1: dict(tokens=20 * 8 * 128, ctx=128, batch=8),
@@ -134,14 +144,28 @@ def fit_micro(rows, ctx, scfg, free, ckpt_act, paper):
     return max(m for m in range(1, rows + 1) if rows % m == 0 and (m <= paper["micro"] or fits(m, ckpt_act))), ckpt_act
 
 
+def embedded_default(args, cuda):
+    """`python distill.py` on a GPU with the embedded teacher and nothing that sizes the run: EMBEDDED."""
+    return cuda and not (args.teacher or args.data or args.tokens or args.ctx or args.batch)
+
+
+def data_dir(args, cuda):
+    """The token files a run reads: --data, MIX_DIR for the embedded default on a GPU, else the shipped
+    corpus (data.py's DEFAULT_DIR)."""
+    return Path(args.data) if args.data else MIX_DIR if embedded_default(args, cuda) else data_lib.DEFAULT_DIR
+
+
 def step_config(args, step, world, n_params, cuda, window=None, scfg=None, free=None) -> StepConfig:
     """Every flag the user set wins; the rest comes from the paper (STEPS, its token budget scaled
-    to the teacher) or, on a CPU without --tokens, --ctx or --batch, from the demo (DEMO). window:
+    to the teacher), on a CPU without --tokens, --ctx or --batch from the demo (DEMO), on a GPU with
+    the embedded teacher and none of them from its measured conversion (EMBEDDED). window:
     the teacher's context window, which a default ctx is capped at and --ctx may not pass. On a GPU
     (free: bytes of its memory for activations, scfg: the student's config) the micro-batch and
     activation checkpointing fill the memory (fit_micro) unless set."""
-    demo = not cuda and args.tokens is None and args.ctx is None and args.batch is None
-    d = {**STEPS[step], **(DEMO[step] if demo else {"tokens": token_budget(step, n_params)})}
+    demo, embedded = not cuda and args.tokens is None and args.ctx is None and args.batch is None, \
+        embedded_default(args, cuda)
+    d = {**STEPS[step], **(DEMO[step] if demo else EMBEDDED[step] if embedded else
+                           {"tokens": token_budget(step, n_params)})}
     tokens, ctx = args.tokens or d["tokens"], args.ctx or d["ctx"]
     if window and ctx > window:
         if args.ctx:
@@ -149,7 +173,7 @@ def step_config(args, step, world, n_params, cuda, window=None, scfg=None, free=
                        f"pass --ctx {window} or less")
         ctx = window
     batch = args.batch or d["batch"]
-    if step == 3 and not demo and not args.batch:  # at least STEP3_UPDATES updates, one sequence per device
+    if step == 3 and not (demo or embedded or args.batch):  # at least STEP3_UPDATES updates, a sequence per device
         batch = max(world, min(batch, int(tokens // (ctx * STEP3_UPDATES))) // world * world)
     if batch % world:
         what = f"--batch {batch}" if args.batch else f"step {step}'s default batch of {batch} sequences"
@@ -418,7 +442,7 @@ def fingerprints(args, step):
     """What a step reads, as digests recorded in its checkpoint: --resume refuses other inputs (the
     same flags on different files). data: the token files; teacher (steps 1, 2): its config,
     tokenizer and weight files; init: the starting student's files, or 'teacher'."""
-    data = Path(args.data or data_lib.DEFAULT_DIR)
+    data = data_dir(args, torch.cuda.is_available())
     if data.is_dir():   # data.py's meta.json and token files, or Megatron train/val .bin/.idx
         files = sorted(f for f in data.iterdir() if f.suffix in (".json", ".bin", ".idx"))
     else:               # a Megatron prefix
@@ -494,16 +518,30 @@ def check_inputs(path, saved, now):
 
 # ---------------------------------------------------------------- data
 
-def open_data(args, cfg, tok, world):
-    """Token files (the default corpus is prepared if missing), checked against the teacher's
-    tokenizer on rank 0; every rank gets the error, if any. Returns (train Batches, val TokenData)."""
-    path = Path(args.data or data_lib.DEFAULT_DIR)
+def default_data(tok, path, device):
+    """Rank 0, no --data: the shipped corpus, prepared if missing; for the embedded default on a GPU
+    (path MIX_DIR) also GEN_TOKENS sampled from the teacher on this GPU, and the two merged, each
+    made once and kept for later runs."""
+    if not (data_lib.DEFAULT_DIR / "meta.json").exists():
+        print(f"preparing the default corpus into {data_lib.DEFAULT_DIR}")
+        data_lib.prepare(data_lib.default_corpus(), tok, data_lib.DEFAULT_DIR)
+    if path == MIX_DIR and not (MIX_DIR / "meta.json").exists():
+        if not (GEN_DIR / "meta.json").exists():
+            print(f"sampling {GEN_TOKENS:.0e} tokens from the teacher into {GEN_DIR} (docs/method.md §9)")
+            data_lib.generate(None, int(GEN_TOKENS), GEN_DIR, batch=1024, seed=1, device=device)
+        data_lib.merge([data_lib.DEFAULT_DIR, GEN_DIR], MIX_DIR)
+
+
+def open_data(args, cfg, tok, world, device):
+    """Token files (data_dir; the default ones are made if missing, default_data), checked against the
+    teacher's tokenizer on rank 0; every rank gets the error, if any. Returns (train Batches, val
+    TokenData)."""
+    path = data_dir(args, device.type == "cuda")
 
     def check():
         t = tok
-        if args.data is None and not (path / "meta.json").exists():
-            print(f"preparing the default corpus into {path}")
-            data_lib.prepare(data_lib.default_corpus(), t, path)
+        if args.data is None:
+            default_data(t, path, device)
         data_lib.TokenData(path, "train").check_tokenizer(t)
         val = data_lib.TokenData(path, "val")
         if cfg.eval_windows < world:  # every rank evaluates at least one window
@@ -997,7 +1035,7 @@ def run_step(args, step, rank, world, device):
         print(describe(cfg, world, cuda))
         if not args.ctx and not cfg.demo and cfg.ctx < STEPS[step]["ctx"]:
             print(f"ctx {cfg.ctx}: the teacher's context window, shorter than the paper's {STEPS[step]['ctx']}")
-    batches, val = open_data(args, cfg, tok, world)  # its checks are cheap: before the sharding
+    batches, val = open_data(args, cfg, tok, world, device)  # before the sharding
     if inputs["data"] is None:  # the default corpus was prepared just now
         inputs, _ = on_rank0(lambda: (fingerprints(args, step), None))
     # shard, then the optimizer over the trainable parameters only

@@ -181,13 +181,14 @@ def test_diverged_eval_saves_nothing(distill_env, tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_default_steps_fit_any_gpu_count(world):
-    """The README's GPU commands (`--step N`, nothing else) at the 7B budgets (Qwen2.5-7B's window)
+    """The README's GPU commands (`--step N --teacher T`, nothing else) at the 7B budgets (Qwen2.5-7B's window)
     and at SmolLM2-135M's (window 8192): a layout for every step, micro-batches that divide each
     device's rows, the paper's batches, and step 3 with at least STEP3_UPDATES updates."""
     for n_params, window, step3 in ((7.6e9, 32768, dict(ctx=16384, batch=96, updates=64)),
                                     (135e6, 8192, dict(ctx=8192, batch=40, updates=62))):
         for step in (1, 2, 3):
-            cfg = distill.step_config(distill.parse_args(["--step", str(step)]), step, world, n_params, True, window)
+            args = distill.parse_args(["--step", str(step), "--teacher", "teacher.gguf"])  # not the embedded one
+            cfg = distill.step_config(args, step, world, n_params, True, window)
             assert cfg.batch == world * cfg.micro * cfg.accum and cfg.batch % world == 0
             assert cfg.micro <= distill.STEPS[step]["micro"] and cfg.eval_windows >= world
             if step == 3:
@@ -217,6 +218,24 @@ def test_gpu_fills_memory(step, world, flags, free, expect):
     args = distill.parse_args(["--step", str(step), "--ctx", "512", *flags])
     cfg = distill.step_config(args, step, world, 135e6, True, 8192, scfg, free)
     assert (cfg.micro, cfg.ckpt_act, cfg.compile) == expect and cfg.batch == world * cfg.micro * cfg.accum
+
+
+def test_embedded_default_on_a_gpu():
+    """`python distill.py` on a GPU with the embedded teacher: the measured conversion's budgets and
+    its data folder (shipped corpus + generated); any flag that sizes the run, or another teacher or
+    data, leaves the paper's budgets and the data asked for."""
+    scfg = StudentConfig.from_teacher(TeacherConfig(), "rwkv7")
+    got = {}
+    for step in (1, 2, 3):
+        args = distill.parse_args(["--step", str(step)])
+        cfg = distill.step_config(args, step, 1, 135e6, True, 8192, scfg, 1e12)
+        got[step] = (cfg.updates * cfg.batch * cfg.ctx, cfg.ctx, cfg.batch, cfg.lr, cfg.lr_end)
+        assert distill.data_dir(args, True) == distill.MIX_DIR and distill.data_dir(args, False) != distill.MIX_DIR
+    assert got == {1: (2015232, 512, 32, 1e-3, 1e-5), 2: (16023552, 512, 96, 1e-4, 1e-4),
+                   3: (1015808, 4096, 8, 1e-4, 1e-4)}
+    for flags in (["--tokens", "1e6"], ["--teacher", "x.gguf"], ["--data", "d"], ["--batch", "32"]):
+        args = distill.parse_args(["--step", "2", *flags])
+        assert not distill.embedded_default(args, True) and distill.data_dir(args, True) != distill.MIX_DIR
 
 
 def test_cpu_keeps_its_rules():
