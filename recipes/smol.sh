@@ -38,7 +38,7 @@ case ${1:?usage: smol.sh data|main|ablation NAME} in
 data)  # the two halves sample with other seeds on two GPUs, then one folder each for gen and both
   mkdir -p "$D"
   [ -d "$D/default" ] || python3 data.py --teacher "$TEACHER" --out "$D/default"
-  half=$(python3 -c "print(int(float('${GEN:-8e6}') / 2))")
+  half=$(python3 -c "print(int(float('${GEN:-3e6}') / 2))")
   gen=(--generate "$half" --teacher "$TEACHER" --gen-batch "${GEN_BATCH:-1024}" --doc-len 512)
   CUDA_VISIBLE_DEVICES=${2:-0} python3 data.py "${gen[@]}" --out "$D/gen_a" --seed 1 &
   first=$!
@@ -49,9 +49,9 @@ data)  # the two halves sample with other seeds on two GPUs, then one folder eac
   ;;
 main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teacher's window is 8192)
   name=${2:-main}
-  distill "$name" 1 "$D/both" "${S1:-4e6}" --batch 32 --variant "${VARIANT:-rwkv7}"
-  distill "$name" 2 "$D/both" "${S2:-25e6}" --batch 96 "${STEP2[@]}"
-  distill "$name" 3 "$D/both" "${S3:-2e6}" --ctx 4096 --batch 8 "${STEP2[@]}"
+  distill "$name" 1 "$D/both" "${S1:-2e6}" --batch 32 --variant "${VARIANT:-rwkv7}"
+  distill "$name" 2 "$D/both" "${S2:-16e6}" --batch 96 "${STEP2[@]}"
+  distill "$name" 3 "$D/both" "${S3:-1e6}" --ctx 4096 --batch 8 "${STEP2[@]}"
   evaluate "$name" 2
   evaluate "$name" 3
   if [ "${SUITE:-1}" != 0 ]; then
