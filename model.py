@@ -132,7 +132,10 @@ class RWKV7TimeMix(TimeMix):
         P = lambda *shape: nn.Parameter(torch.empty(*shape))
         self.w0, self.w1, self.w2 = P(D), P(C, Rd), P(Rd, D)      # decay
         self.a0, self.a1, self.a2 = P(D), P(C, Rd), P(Rd, D)      # in-context learning rate
-        if layer_idx > 0:                                         # layer 0 has no value residual
+        # layer 0 has no value residual; a bool, not layer_idx, decides it in forward, so that
+        # torch.compile makes one graph for every other layer (it specialises on integer attributes)
+        self.first = layer_idx == 0
+        if not self.first:
             self.v0, self.v1, self.v2 = P(D), P(C, Rv), P(Rv, D)
         self.g1, self.g2 = P(C, Rg), P(Rg, D)                     # output gate
 
@@ -157,7 +160,7 @@ class RWKV7TimeMix(TimeMix):
         log_w = (-math.exp(-0.5) * torch.sigmoid(fp32(d))).view(B, T, H, N)  # fp32, ∈ (−0.61, 0)
         iclr = torch.sigmoid(self.a0 + x @ self.a1 @ self.a2).view(B, T, H, N)
         g = torch.sigmoid(x @ self.g1) @ self.g2                            # (B, T, D)
-        if self.layer_idx == 0:
+        if self.first:
             ctx.v_first = v                                    # not detached (docs/method.md §3)
         else:
             v = v + (ctx.v_first - v) * torch.sigmoid(self.v0 + x @ self.v1 @ self.v2).view(B, T, H, N)

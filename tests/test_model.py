@@ -21,6 +21,7 @@ from teacher import TeacherConfig
 
 NEW_PARAMS = {"rwkv7": {"w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2"},
               "rwkv6": {"maa_x", "maa_rkvwg", "m1", "m2", "decay", "d1", "d2", "gate.weight"}}
+TINY = dict(vocab_size=64, hidden_size=32, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64)
 BUILTIN = sorted(NEW_PARAMS)   # the RWKV parameter formulas; QLinAtt's count is its own test below
 
 
@@ -137,6 +138,23 @@ def test_forward_advances_the_state_in_place(variant):
     lb, _ = s(idx[:, 4:], st)                         # replaces the dicts la's graph read
     (la.sum() + lb.sum()).backward()
     assert st.pos == 10 and s.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("variant", ["rwkv7", "rwkv6", "qlinatt"])
+def test_compiled_blocks_compile_once_for_all_layers(variant):
+    """distill.py compiles every block: what torch.compile traces must not depend on the layer's
+    index (it specialises on integer attributes and stops compiling after 8 variants), so a deeper
+    student compiles no more graphs than a shallower one."""
+    def graphs(n_layers):
+        torch._dynamo.reset()
+        n = []
+        count = lambda gm, _: n.append(1) or gm.forward  # noqa: E731  (one backend for every block)
+        student = Student(StudentConfig.from_teacher(TeacherConfig(**{**TINY, "n_layers": n_layers}), variant))
+        for blk in student.layers:
+            blk.compile(backend=count)
+        student(torch.randint(0, 64, (1, 16)))[0].sum().backward()
+        return len(n)
+    assert graphs(6) == graphs(3) > 0
 
 
 def test_save_is_atomic_and_load_rejects_non_finite(tmp_path, monkeypatch):
