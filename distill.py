@@ -141,7 +141,8 @@ def fit_micro(rows, ctx, scfg, free, ckpt_act, paper):
     fits = lambda m, ckpt: m * activation_bytes(scfg, ctx, ckpt) <= free  # noqa: E731
     if ckpt_act is None:
         ckpt_act = paper["ckpt_act"] and not fits(rows, False)
-    return max(m for m in range(1, rows + 1) if rows % m == 0 and (m <= paper["micro"] or fits(m, ckpt_act))), ckpt_act
+    micro = max(m for m in range(1, rows + 1) if rows % m == 0 and (m <= paper["micro"] or fits(m, ckpt_act)))
+    return micro, ckpt_act
 
 
 def embedded_default(args, cuda):
@@ -592,7 +593,8 @@ class HeadLoss(torch.autograd.Function):
         M = h.shape[0]
         need_h, need_W = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h) if need_h else None
-        dW = torch.zeros(W.shape, device=W.device, dtype=torch.promote_types(W.dtype, torch.float32)) if need_W else None
+        acc = torch.promote_types(W.dtype, torch.float32)   # ∂/∂W summed over the chunks in at least fp32
+        dW = torch.zeros(W.shape, device=W.device, dtype=acc) if need_W else None
         loss = 0
         for i in range(0, M, chunk):
             j = slice(i, i + chunk)
@@ -684,8 +686,8 @@ class Distill(nn.Module):
 @torch.no_grad()
 def teacher_forward(teacher, x, step):
     """The frozen teacher on x: (hT (B·T, C) final-normed, WT (V, C), step 1's per-layer taps
-    [(x, y_T)]), or Nones without a teacher. Leaves the root gathered, as the KL chunks read WT
-    again in backward: teacher.reshard() after the backward."""
+    [(x, y_T)]), or Nones without a teacher. Leaves the root gathered, as the student's head loss
+    reads WT: teacher.reshard() after it."""
     if teacher is None:
         return None, None, None
     taps = [] if step == 1 else None
@@ -705,9 +707,9 @@ def forward_backward(model, teacher, x, y, step, accum):
         loss = model.distill_loss(x, hT, WT)
     else:
         loss = model.ce_loss(x, y)
-    (loss / accum).backward()
-    if teacher is not None:
+    if teacher is not None:  # HeadLoss made its gradients in the forward: the backward reads no WT
         teacher.reshard()
+    (loss / accum).backward()
     return loss.detach()
 
 
@@ -735,8 +737,8 @@ def shard_teacher(tcfg, sd, device, compile_=False):
             block.compile()
         fully_shard(block, reshard_after_forward=True, mp_policy=mp)
     # Root = embed + final norm + lm_head (tied: one tensor). Kept gathered by an explicit
-    # unshard() from the forward until after the student's backward: the KL chunks recompute the
-    # teacher's logits in backward from lm_head.weight. reshard() after each micro-batch.
+    # unshard() from the forward until the student's head loss has read lm_head.weight; reshard()
+    # then, in each micro-batch.
     fully_shard(t, reshard_after_forward=False, mp_policy=mp)
     register_fsdp_forward_method(t, "hidden")
     t.to_empty(device=device)
@@ -1003,10 +1005,11 @@ def describe(cfg, world, cuda):
 
 def activation_budget(device, scfg, teacher, step, world):
     """Bytes of GPU memory for activations, the same on every rank (the smallest): 90% of what is
-    free (or held now by this process's tensors), less what training holds besides them, sharded over the world: the bf16 teacher (2 bytes
-    per parameter; `teacher` parameters, 0 without one), the student's fp32 weights (4), the
-    gradients and AdamW moments of what trains (12; step 1: the time-mix only); and unsharded, one
-    gathered bf16 copy of the student (2) and 4 GiB for the LM head's chunks. None on a CPU."""
+    free (or held now by this process's tensors), less what training holds besides them, sharded
+    over the world: the bf16 teacher (2 bytes per parameter; `teacher` parameters, 0 without one),
+    the student's fp32 weights (4), the gradients and AdamW moments of what trains (12; step 1: the
+    time-mix only); and unsharded, one gathered bf16 copy of the student (2) and 4 GiB for the LM
+    head's chunks. None on a CPU."""
     if device.type != "cuda":
         return None
     with torch.device("meta"):
