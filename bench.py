@@ -26,6 +26,7 @@ The benchmarks use the library's public functions (the same code a real run exec
 them lives in a library file.
 """
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -248,26 +249,21 @@ MODEL_SHAPES = {  # teacher shapes, random weights
 
 
 def train_config(args, step, world, scfg, free) -> distill.StepConfig:
-    """distill.step_config's rules for a timed run: the paper's ctx; on a GPU (free: bytes for
-    activations) the paper's batch with the micro-batch and activation checkpointing that fill it
-    (distill.fit_micro), on a CPU one micro-batch of the paper's size per device; flags win;
+    """distill.step_config's rules for a timed run of a teacher of this shape (not the embedded
+    default's budgets): the paper's ctx; the paper's batch on a GPU (free: bytes for activations,
+    filled by distill.fit_micro), one micro-batch of the paper's size per device on a CPU; flags win;
     --updates updates at a flat lr."""
     d = distill.STEPS[step]
-    ctx, fill = args.ctx or d["ctx"], free is not None
-    batch = args.batch or (d["batch"] if fill else world * (args.micro_batch or d["micro"]))
-    if batch % world:
-        raise distill.Fail(f"--batch {batch} must be a multiple of the {world} devices")
-    rows, ckpt_act = batch // world, args.ckpt_act
-    if args.micro_batch or not fill:
-        micro = min(args.micro_batch or d["micro"], rows)
-        if rows % micro:
-            raise distill.Fail(f"--micro-batch {micro} must divide the {rows} sequences per device")
-        if ckpt_act is None:
-            ckpt_act = d["ckpt_act"] and (not fill or micro * distill.activation_bytes(scfg, ctx, False) > free)
-    else:
-        micro, ckpt_act = distill.fit_micro(rows, ctx, scfg, free, ckpt_act, d)
-    return distill.StepConfig(step, ctx, batch, micro, rows // micro, d["lr"], d["lr_end"], args.updates,
-                              0, ckpt_act, fill and args.compile is not False, False, 0)
+    batch = args.batch or (d["batch"] if free is not None else world * (args.micro_batch or d["micro"]))
+    flags = ["--step", str(step), "--teacher", args.shape, "--tokens", "1", "--batch", str(batch),
+             "--ctx", str(args.ctx or d["ctx"])]
+    if args.micro_batch:
+        flags += ["--micro-batch", str(args.micro_batch)]
+    for name, on in (("ckpt-act", args.ckpt_act), ("compile", args.compile)):   # None: distill's default
+        if on is not None:
+            flags.append(f"--{name}" if on else f"--no-{name}")
+    cfg = distill.step_config(distill.parse_args(flags), step, world, 0, free is not None, None, scfg, free)
+    return dataclasses.replace(cfg, updates=args.updates, warmup=0, lr_end=cfg.lr)
 
 
 def random_models(shape, variant, seed, device):
