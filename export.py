@@ -96,7 +96,8 @@ def relative_imports(name: str) -> str:
 
 def teacher_pieces() -> str:
     """radlads_teacher.py: TEACHER_PIECES, copied from teacher.py (inspect.getsource)."""
-    used = {n for n, obj in vars(model_lib).items() if inspect.getmodule(obj) is teacher_lib}
+    used = {n for n, obj in vars(model_lib).items()   # dunder globals: torch.compile's, not model.py's
+            if inspect.getmodule(obj) is teacher_lib and not n.startswith("__")}
     if used - set(TEACHER_PIECES):
         raise ExportError(f"model.py uses {sorted(used - set(TEACHER_PIECES))} from teacher.py: "
                           "add them to export.TEACHER_PIECES")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import export
+import model as model_lib
 import teacher as teacher_lib
 from conftest import perturbed
 from export import ExportConfig, ExportError
@@ -54,6 +55,10 @@ def test_remote_code_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "TEACHER_PIECES", tuple(n for n in export.TEACHER_PIECES if n != "MLP"))
     with pytest.raises(ExportError, match=r"model.py uses \['MLP'\] from teacher.py"):
         export.remote_code()
+    monkeypatch.undo()
+    # torch.compile leaves globals such as __import_teacher in model.py's module: not model.py's own use
+    monkeypatch.setattr(model_lib, "__import_teacher", teacher_lib, raising=False)
+    assert "def apply_rope" in export.remote_code()["radlads_teacher.py"]
     monkeypatch.undo()
     (tmp_path / "model.py").write_text("import torch\nimport kernels\n")
     monkeypatch.setattr(export, "REPO", tmp_path)
