@@ -215,8 +215,9 @@ def check_out(out) -> Path:
     return out
 
 
-def _stage(out: Path) -> Path:
-    """An empty hidden folder beside out, where a run writes before _commit moves its files into out."""
+def stage_dir(out: Path) -> Path:
+    """An empty hidden folder beside out, where a run writes before its files move into out (_commit here,
+    export.commit for an exported model)."""
     stage = out.parent / f".{out.name}.{os.getpid()}.partial"
     shutil.rmtree(stage, ignore_errors=True)   # left by a killed process that had this pid
     stage.mkdir(parents=True)
@@ -246,7 +247,7 @@ class _DocumentWriter:
             raise DataError(f"tokenizer {tok.name} has no EOS token to join documents with; use another teacher")
         self.out, self.tok, self.val_fraction, self.seed = check_out(out), tok, val_fraction, seed
         self.dtype, self.lengths, self.names = token_dtype(tok.vocab_size), [], []
-        self.stage = _stage(self.out)
+        self.stage = stage_dir(self.out)
         self.tmp = self.stage / "all.tmp"
         self.f = open(self.tmp, "wb")
 
@@ -662,7 +663,7 @@ def merge(inputs, out) -> dict:
             raise DataError(f"{inputs[0]} ({first['tokenizer']['name']}, {first['dtype']}) and {p} "
                             f"({m['tokenizer']['name']}, {m['dtype']}) were made with different tokenizers "
                             "or dtypes; merge folders made with one teacher")
-    stage = _stage(out)
+    stage = stage_dir(out)
     try:
         splits = {}
         for split in ("train", "val"):

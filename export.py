@@ -265,9 +265,7 @@ def export(cfg: ExportConfig) -> Path:
         raise ExportError(f"the tokenizer ({tok.name}) has {tok.vocab_size} tokens but the student only "
                           f"{student.cfg.vocab_size}: pass the student's own teacher with --teacher")
     files = remote_code()
-    stage = out.parent / f".{out.name}.{os.getpid()}.partial"
-    shutil.rmtree(stage, ignore_errors=True)   # left by a killed process that had this pid
-    stage.mkdir(parents=True)
+    stage = data_lib.stage_dir(out)
     try:
         write_folder(student, tok, cfg, files, stage, max_bytes)
         commit(stage, out)
