@@ -301,7 +301,7 @@ def logged_evals(out, step):
 
 # ---------------------------------------------------------------- run-wide fixtures
 
-once_per_run = pytest.fixture(scope="session")   # pytest's scope name for one build per test run
+once_per_run = pytest.fixture(scope="package")   # this folder, the repo root, and all below it: one build per test run
 
 
 @once_per_run
