@@ -193,8 +193,13 @@ def step_config(args, step, world, n_params, cuda, window=None, scfg=None, free=
         micro, ckpt_act = fit_micro(rows, ctx, scfg, free, ckpt_act, STEPS[step])
     else:  # the largest divisor of the rows up to the step's micro-batch (the demo: one forward per device)
         micro = max(m for m in range(1, min(rows, d["micro"] if not demo else rows) + 1) if rows % m == 0)
-    # --lr moves the whole schedule: lr_end keeps its ratio to the peak
+    # --lr moves the whole schedule: lr_end keeps its ratio to the peak, unless --lr-end sets it
     lr, lr_end = (args.lr, args.lr * d["lr_end"] / d["lr"]) if args.lr else (d["lr"], d["lr_end"])
+    if args.lr_end:
+        if args.lr_end > lr:
+            raise Fail(f"--lr-end {args.lr_end:g} is above the peak lr {lr:g}: the schedule only decays; "
+                       f"pass --lr-end {lr:g} or less")
+        lr_end = args.lr_end
     updates = max(1, math.ceil(tokens / (batch * ctx)))
     # the paper's 50 warmup updates of ~6k; at most a tenth of a short run, so that it reaches its peak
     return StepConfig(step, ctx, batch, micro, rows // micro, lr, lr_end, updates,
@@ -252,6 +257,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive(int), help="sequences per update, over all GPUs")
     p.add_argument("--micro-batch", type=positive(int), help="sequences per forward on one device")
     p.add_argument("--lr", type=positive(float), help="peak learning rate (may change on --resume)")
+    p.add_argument("--lr-end", type=positive(float), help="learning rate at the last update (quarter cosine "
+                   "from the peak; default: the step's, in proportion to --lr)")
     p.add_argument("--freeze-mlp", action="store_true", help="steps 2, 3: train only the time-mix and norms; "
                    "MLPs, embeddings and lm_head stay as they are (an ablation)")
     p.add_argument("--eval-every", type=positive(int), default=500, help="updates between eval + checkpoint")

@@ -238,6 +238,21 @@ def test_embedded_default_on_a_gpu():
         assert not distill.embedded_default(args, True) and distill.data_dir(args, True) != distill.MIX_DIR
 
 
+@pytest.mark.parametrize("flags, expect", [
+    ([], (1e-4, 1e-4)),                               # the embedded default: flat
+    (["--lr", "1e-3"], (1e-3, 1e-3)),                 # --lr moves the schedule, keeping lr_end / lr
+    (["--lr", "1e-3", "--lr-end", "1e-5"], (1e-3, 1e-5)),
+    (["--lr-end", "1e-5"], (1e-4, 1e-5)),
+])
+def test_lr_end(flags, expect):
+    """--lr-end sets the last update's rate under any peak; above the peak it is refused."""
+    scfg = StudentConfig.from_teacher(TeacherConfig(), "rwkv7")
+    cfg = distill.step_config(distill.parse_args(["--step", "2", *flags]), 2, 1, 135e6, True, 8192, scfg, 1e12)
+    assert (cfg.lr, cfg.lr_end) == expect
+    with pytest.raises(distill.Fail, match="--lr-end 0.001 is above the peak lr 0.0001"):
+        distill.step_config(distill.parse_args(["--step", "2", "--lr-end", "1e-3"]), 2, 1, 135e6, True, 8192, scfg, 1e12)
+
+
 def test_cpu_keeps_its_rules():
     """On a CPU (free None) nothing is compiled and the paper's checkpointing stays."""
     cfg = distill.step_config(distill.parse_args(["--step", "2", "--compile"]), 2, 1, 135e6, False, 8192)
