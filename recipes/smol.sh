@@ -2,14 +2,14 @@
 # Convert the default teacher (SmolLM2-135M-Instruct) on a GPU and measure the result: the runs
 # reported in docs/results.md (their logs and outputs are under docs/runs/smol-rwkv7, smol-rwkv6, ablations).
 #
-#   bash recipes/smol.sh data GPU_A GPU_B      # teacher-generated text (half on each GPU) + Shakespeare
+#   bash recipes/smol.sh data GPU_A [GPU_B]    # teacher-generated text (on one GPU or half on each) + Shakespeare
 #   bash recipes/smol.sh main [NAME]           # steps 1, 2, 3 (VARIANT=rwkv7|rwkv6), evaluation, three chats
 #   bash recipes/smol.sh ablation NAME         # one short run of the ablation table (names below)
 #
 # Environment: TEACHER (a .gguf or HF folder; default: the embedded one), RUNS (default runs/smol),
 # token budgets GEN, S1, S2, S3 (main run) and A1, A2 (ablations), VARIANT (the main run's mixer,
 # rwkv7 by default), FLAGS (extra distill.py flags, e.g. --no-compile). Pick the GPU with
-# CUDA_VISIBLE_DEVICES (`data 0 0` samples both halves on one GPU). Every run evaluates the student on
+# CUDA_VISIBLE_DEVICES (`data 0` samples on GPU 0). Every run evaluates the student on
 # both held-out sets (Shakespeare and teacher-generated) with evaluate.py into RUNS/NAME/eval_stepN.json;
 # the main run also scores student and teacher on the benchmark suite (SUITE=0 skips it) into
 # RUNS/NAME/suite_step3.json. distill.py picks each step's micro-batch and activation checkpointing
@@ -35,16 +35,20 @@ evaluate() {  # name step
 }
 
 case ${1:?usage: smol.sh data|main|ablation NAME} in
-data)  # the two halves sample with other seeds on two GPUs, then one folder each for gen and both
+data)  # teacher-generated text (on GPU_A, or half on each of GPU_A and GPU_B), then one folder each for gen and both
   mkdir -p "$D"
   [ -d "$D/default" ] || python3 data.py --teacher "$TEACHER" --out "$D/default"
-  half=$(python3 -c "print(int(float('${GEN:-3e6}') / 2))")
-  gen=(--generate "$half" --teacher "$TEACHER" --gen-batch "${GEN_BATCH:-1024}" --doc-len 512)
-  CUDA_VISIBLE_DEVICES=${2:-0} python3 data.py "${gen[@]}" --out "$D/gen_a" --seed 1 &
-  first=$!
-  CUDA_VISIBLE_DEVICES=${3:-0} python3 data.py "${gen[@]}" --out "$D/gen_b" --seed 2
-  wait $first
-  python3 data.py --merge "$D/gen_a" "$D/gen_b" --out "$D/gen"
+  gen=(--teacher "$TEACHER" --gen-batch "${GEN_BATCH:-1024}" --doc-len 512)
+  if [ -z "${3:-}" ]; then
+    CUDA_VISIBLE_DEVICES=${2:-0} python3 data.py --generate "${GEN:-3e6}" "${gen[@]}" --out "$D/gen" --seed 1
+  else  # the two halves sample with other seeds
+    half=$(python3 -c "print(int(float('${GEN:-3e6}') / 2))")
+    CUDA_VISIBLE_DEVICES=$2 python3 data.py --generate "$half" "${gen[@]}" --out "$D/gen_a" --seed 1 &
+    first=$!
+    CUDA_VISIBLE_DEVICES=$3 python3 data.py --generate "$half" "${gen[@]}" --out "$D/gen_b" --seed 2
+    wait $first
+    python3 data.py --merge "$D/gen_a" "$D/gen_b" --out "$D/gen"
+  fi
   python3 data.py --merge "$D/default" "$D/gen" --out "$D/both"
   ;;
 main)  # the conversion: steps 1 and 2 at ctx 512, step 3 at ctx 4096 (the teacher's window is 8192)
